@@ -1,0 +1,95 @@
+"""``RoutingLinear``: PEFT's ``lora.Linear`` plus one routing vector per expert and the three phases.
+
+Built on ``lora.Linear`` so that LoRA's parameter creation, initialisation, rank/alpha patterns, rsLoRA scaling,
+dtype casting, merging, deletion and the expert-phase forward are PEFT's own code. We add:
+  * ``lora_route``: a ParameterDict of zero-initialised vectors [in_features], keyed by expert name, saved under
+    keys ending in ``.lora_route``;
+  * a forward that follows the phase the tuner sets: "expert" (plain LoRA), "router" (sigmoid-gated LoRA of one
+    expert, eq. 2) or "route" (all experts, token-level top-k, eq. 3-4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from .config import RoutingSettings
+from .routing import route, routed_lora_delta
+
+PHASES = ("expert", "router", "route")
+
+
+class RoutingLinear(LoraLinear):
+    """A linear (or GPT-2 Conv1D) layer with a library of routed LoRA experts."""
+
+    adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_route",)
+
+    # Set by RoutingLoraModel for every layer whenever the phase or the library changes.
+    routing_phase: str = "expert"
+    routing_settings: RoutingSettings = RoutingSettings()
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        if not hasattr(self, "lora_route"):
+            self.lora_route = nn.ParameterDict({})
+        # Created before LoRA's update_layer so that its device/dtype move and set_adapter cover the vector too.
+        self.lora_route[adapter_name] = nn.Parameter(torch.zeros(self.in_features))
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Experts adapting this layer, in library order."""
+        return list(self.lora_A.keys())
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.routing_phase == "expert" or self.disable_adapters or kwargs.get("adapter_names") is not None:
+            return super().forward(x, *args, **kwargs)
+        if self.merged:
+            raise RuntimeError(
+                "A merged LoRA cannot be routed: call model.unmerge_adapter() before set_phase('router'/'route')."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing_phase == "router":
+            delta = self._gated_delta(x)
+        else:
+            delta = self._routed_delta(x)
+        if delta is None:
+            return result
+        return result + delta.to(result.dtype)
+
+    def _gated_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Router phase (eq. 2): sigmoid(v . u) * s * B A u for the active expert."""
+        delta = None
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            u = self._cast_input_dtype(x, lora_a.weight.dtype)
+            gate = torch.sigmoid(u @ self.lora_route[name].to(u.dtype)).unsqueeze(-1)
+            term = lora_b(lora_a(self.lora_dropout[name](u))) * self.scaling[name] * gate
+            delta = term if delta is None else delta + term
+        return delta
+
+    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Route phase (eq. 3-4): each token through its top-k experts of this layer."""
+        names = self.expert_names
+        if not names:
+            return None
+        dtype = self.lora_A[names[0]].weight.dtype
+        tokens = self._cast_input_dtype(x, dtype).reshape(-1, x.shape[-1])
+        vectors = torch.stack([self.lora_route[n] for n in names]).to(dtype)
+        routes = route(tokens, vectors, self.routing_settings)
+        delta = routed_lora_delta(
+            tokens,
+            routes,
+            [self.lora_A[n].weight.to(dtype) for n in names],
+            [self.lora_B[n].weight.to(dtype) for n in names],
+            [self.scaling[n] for n in names],
+        )
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+    def __repr__(self) -> str:
+        return "routing_lora." + super().__repr__()

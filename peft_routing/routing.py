@@ -1,0 +1,87 @@
+"""Token-level routing math of the route phase (design.md section 2, step 3), on plain tensors.
+
+Kept free of PEFT so it can be tested against the equations and reused by the layer, the kernels and diagnostics.
+For every token u and the stacked routing vectors V (N x d):
+  score_j = v_j . u                                   (score_norm="none", the paper)
+  score_j = std(v_j) . std(u) / sqrt(d)               (score_norm="standardize", PHATGOOSE)
+  E = top-k scores;  w_j = softmax_E(score_j / tau)   (mixing="softmax", paper eq. 4)
+                     w_j = sigmoid(score_j)           (mixing="sigmoid": every weight may be ~0, base model alone)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import RoutingSettings
+
+STANDARDIZE_EPS = 1e-6
+
+
+def standardize(x: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
+    """Zero mean, unit variance over the last dimension (population variance; eps keeps zero vectors finite)."""
+    centered = x - x.mean(dim=-1, keepdim=True)
+    return centered * torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def route_scores(tokens: torch.Tensor, vectors: torch.Tensor, score_norm: str) -> torch.Tensor:
+    """Scores [T, N] of T tokens [T, d] against N routing vectors [N, d]."""
+    if score_norm == "standardize":
+        return standardize(tokens) @ standardize(vectors).t() / math.sqrt(tokens.shape[-1])
+    return tokens @ vectors.t()
+
+
+@dataclass
+class Routes:
+    """The experts chosen for each token: ids [T, k] (int64) and their mixing weights [T, k]."""
+
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+
+
+def select_experts(scores: torch.Tensor, settings: RoutingSettings) -> Routes:
+    """Top-k of each row of ``scores`` and their mixing weights; k is capped at the number of experts."""
+    k = min(settings.top_k, scores.shape[-1])
+    top_scores, expert_ids = torch.topk(scores, k, dim=-1)
+    if settings.mixing == "sigmoid":
+        weights = torch.sigmoid(top_scores)
+    else:
+        weights = torch.softmax(top_scores / settings.temperature, dim=-1)
+    return Routes(expert_ids=expert_ids, weights=weights)
+
+
+def route(tokens: torch.Tensor, vectors: torch.Tensor, settings: RoutingSettings) -> Routes:
+    """Scores, top-k and weights in one call: the whole routing decision for a [T, d] batch of tokens."""
+    return select_experts(route_scores(tokens, vectors, settings.score_norm), settings)
+
+
+def routed_lora_delta(
+    tokens: torch.Tensor,
+    routes: Routes,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scales: list[float],
+) -> torch.Tensor:
+    """sum_{j in E(t)} w_tj * s_j * B_j A_j u_t for every token, computing only the chosen experts.
+
+    The (token, expert) pairs are sorted by expert once, then each expert multiplies its contiguous slice of tokens,
+    so the cost follows T * k, not T * N, and no [T, N, d_out] tensor exists.
+    """
+    num_tokens, k = routes.expert_ids.shape
+    out = tokens.new_zeros(num_tokens, lora_b[0].shape[0]) if lora_b else tokens.new_zeros(num_tokens, 0)
+    flat_ids = routes.expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=len(lora_a)).tolist()
+    token_of_pair = order // k
+    pair_weights = routes.weights.reshape(-1)[order].to(tokens.dtype)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of_pair[start : start + count]
+        gate = pair_weights[start : start + count].unsqueeze(-1) * scales[expert]
+        out.index_add_(0, rows, ((tokens[rows] @ lora_a[expert].t()) @ lora_b[expert].t()) * gate)
+        start += count
+    return out

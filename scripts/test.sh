@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install, then run the test suite. RUN_SLOW=1 also runs the slow tests on the real SmolLM2-135M.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1
+set +e
+python -m pytest -q "$@"
+status=$?
+if [ "${RUN_SLOW:-0}" = "1" ] && [ $status -eq 0 ]; then
+  python -m pytest -q -m slow "$@"
+  status=$?
+fi
+set -e
+# pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
+if [ $status -eq 5 ]; then echo "no tests were collected: failing"; exit 1; fi
+exit $status
