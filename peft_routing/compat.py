@@ -80,12 +80,13 @@ def plan_expert_load(
             f"Expert {where} is missing weights for adapted module(s) {missing[:5]} that its target_modules select "
             "in this model. The folder is incomplete, or the expert was made for another base model."
         )
+    zero_filled = [p for p in sorted(grouped) if "lora_route" not in grouped[p]]
     for path in sorted(grouped):
         _check_module_tensors(path, grouped[path], modules[path], config, where, allow_missing_routes)
-    if not files.has_routes:
+    if zero_filled:
         warnings.warn(
-            f"Expert {where} has no routing vectors; they start at zero (every score 0). Train them with "
-            "set_phase('router', name) before relying on routing.",
+            f"Expert {where} has no routing vectors for {len(zero_filled)} of {len(grouped)} modules; they start at "
+            "zero (score 0). Train them with set_phase('router', name) before relying on routing.",
             stacklevel=3,
         )
     return grouped

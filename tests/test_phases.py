@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, expert_config, make_base, make_library, token_batch
+from conftest import ARCHITECTURES, LLAMA_TARGETS, expert_config, make_base, make_library, token_batch
 from peft import LoraConfig, get_peft_model
 from reference import ExpertTensors, gated_delta, lora_scaling
 
@@ -19,12 +19,14 @@ def _copy_lora_weights(source, target, source_name, target_name):
                 param.copy_(src[name.replace(f".{target_name}.", f".{source_name}.")])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_expert_phase_equals_peft_lora(arch, use_rslora):
     ours = make_library(arch, n_experts=2, ranks=[4, 8], seed=1, use_rslora=use_rslora)
-    targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else LLAMA_TARGETS
+    targets = ARCHITECTURES[arch][1]
     stock_config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_rslora=use_rslora, fan_in_fan_out=arch == "gpt2")
+    if arch in ("llava", "qwen2_vl"):  # stock LoRA would also adapt the vision tower; compare on the LM only
+        stock_config.target_modules = rf".*language_model.*\.({'|'.join(targets)})"
     stock = get_peft_model(make_base(arch, 1), stock_config, adapter_name="expert_1").eval()
     _copy_lora_weights(ours, stock, "expert_1", "expert_1")
     ours.set_phase("expert", "expert_1")
