@@ -92,7 +92,8 @@ def write_expert_folder(
 
 
 def _write_files(folder: Path, config: RoutingLoraConfig, tensors: dict[str, torch.Tensor], plain: bool) -> None:
-    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # clone: in the route phase the parameters are views into one stacked tensor, which safetensors refuses
+    contiguous = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     routes = {k: v for k, v in contiguous.items() if k.endswith(ROUTE_SUFFIX)}
     if plain:
         to_plain_lora_config(config).save_pretrained(str(folder))

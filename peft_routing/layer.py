@@ -18,7 +18,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from .config import RoutingSettings
-from .routing import route, routed_lora_delta
+from .expert_stack import ExpertStack
+from .routed_lora import routed_forward
 
 PHASES = ("expert", "router", "route")
 
@@ -31,6 +32,20 @@ class RoutingLinear(LoraLinear):
     # Set by RoutingLoraModel for every layer whenever the phase or the library changes.
     routing_phase: str = "expert"
     routing_settings: RoutingSettings = RoutingSettings()
+    routing_strategy: str = "auto"  # see routed_lora.STRATEGIES; "auto" picks by measurement
+    # Optional callable(layer, routes) called in the route phase: the hook point for routing diagnostics.
+    routing_observer = None
+    _expert_stack: ExpertStack | None = None
+
+    def invalidate_expert_stack(self) -> None:
+        """Forget the stacked views; the next route-phase forward rebuilds them (after any library change)."""
+        self._expert_stack = None
+
+    def expert_stack(self) -> ExpertStack:
+        """The layer's experts stacked for the route phase, rebuilt only when the library changed."""
+        if self._expert_stack is None or not self._expert_stack.is_current(self):
+            self._expert_stack = ExpertStack.build(self)
+        return self._expert_stack
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         if not hasattr(self, "lora_route"):
@@ -52,13 +67,10 @@ class RoutingLinear(LoraLinear):
                 "A merged LoRA cannot be routed: call model.unmerge_adapter() before set_phase('router'/'route')."
             )
         result = self.base_layer(x, *args, **kwargs)
-        if self.routing_phase == "router":
-            delta = self._gated_delta(x)
-        else:
-            delta = self._routed_delta(x)
-        if delta is None:
-            return result
-        return result + delta.to(result.dtype)
+        if self.routing_phase == "route":
+            return self._add_routed(x, result)
+        delta = self._gated_delta(x)
+        return result if delta is None else result + delta.to(result.dtype)
 
     def _gated_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """Router phase (eq. 2): sigmoid(v . u) * s * B A u for the active expert."""
@@ -73,23 +85,21 @@ class RoutingLinear(LoraLinear):
             delta = term if delta is None else delta + term
         return delta
 
-    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Route phase (eq. 3-4): each token through its top-k experts of this layer."""
-        names = self.expert_names
-        if not names:
-            return None
-        dtype = self.lora_A[names[0]].weight.dtype
-        tokens = self._cast_input_dtype(x, dtype).reshape(-1, x.shape[-1])
-        vectors = torch.stack([self.lora_route[n] for n in names]).to(dtype)
-        routes = route(tokens, vectors, self.routing_settings)
-        delta = routed_lora_delta(
-            tokens,
-            routes,
-            [self.lora_A[n].weight.to(dtype) for n in names],
-            [self.lora_B[n].weight.to(dtype) for n in names],
-            [self.scaling[n] for n in names],
-        )
-        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+    def _add_routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Route phase (eq. 3-4): each token through its top-k experts of this layer, added to the base output."""
+        if not self.lora_A:
+            return result
+        stack = self.expert_stack()
+        tokens = self._cast_input_dtype(x, stack.head.dtype).reshape(-1, x.shape[-1])
+        if result.dtype == stack.head.dtype and result.is_contiguous() and not torch.is_grad_enabled():
+            _, routes = routed_forward(tokens, stack, self.routing_settings, self.routing_strategy,
+                                       out=result.view(-1, result.shape[-1]))
+        else:
+            delta, routes = routed_forward(tokens, stack, self.routing_settings, self.routing_strategy)
+            result = result + delta.view(result.shape).to(result.dtype)
+        if self.routing_observer is not None:
+            self.routing_observer(self, routes)
+        return result
 
     def __repr__(self) -> str:
         return "routing_lora." + super().__repr__()

@@ -29,6 +29,7 @@ from .config import RoutingLoraConfig, RoutingSettings
 from .expert_io import KEY_PREFIX, ROUTE_SUFFIX, read_expert_folder, write_expert_folder
 from .hub import push_folder_to_hub, resolve_expert_folder
 from .layer import PHASES, RoutingLinear
+from .routed_lora import STRATEGIES
 from .names import check_expert_name
 
 
@@ -154,6 +155,16 @@ class RoutingLoraModel(LoraModel):
         self._routing_phase, self._train_phase = phase, phase != "route"
         self._apply_phase()
 
+    def set_routing_strategy(self, strategy: str) -> None:
+        """Force how the route phase computes ("dense", "grouped", "gather", "loop"; "auto" picks per call).
+
+        For testing and benchmarking: every strategy gives the same result up to float rounding.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown routing strategy {strategy!r}; use one of {STRATEGIES}.")
+        for layer in self._routing_layers():
+            layer.routing_strategy = strategy
+
     def _apply_phase(self) -> None:
         """Push the phase to every layer and set requires_grad for exactly the parameters it trains."""
         phase, expert = self.phase
@@ -165,6 +176,7 @@ class RoutingLoraModel(LoraModel):
             expert = None
         for layer in self._routing_layers():
             layer.routing_phase, layer.routing_settings = phase, settings
+            layer.invalidate_expert_stack()
             for name in layer.lora_A:
                 train_lora = phase == "expert" and name == expert
                 layer.lora_A[name].requires_grad_(train_lora)

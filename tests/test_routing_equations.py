@@ -54,7 +54,7 @@ def _layer_experts(model, names, use_rslora) -> list[ExpertTensors]:
     ]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     d_in=st.integers(2, 24),
     d_out=st.integers(1, 20),
@@ -66,13 +66,15 @@ def _layer_experts(model, names, use_rslora) -> list[ExpertTensors]:
     mixing=st.sampled_from(["softmax", "sigmoid"]),
     use_rslora=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    strategy=st.sampled_from(["auto", "dense", "grouped", "gather", "loop"]),
     seed=st.integers(0, 2**16),
 )
 def test_route_phase_layer_matches_equations(
-    d_in, d_out, ranks, tokens, top_k, temperature, score_norm, mixing, use_rslora, dtype, seed
+    d_in, d_out, ranks, tokens, top_k, temperature, score_norm, mixing, use_rslora, dtype, strategy, seed
 ):
     model = _layer_library(d_in, d_out, ranks, use_rslora, dtype, seed)
     model.set_phase("route", top_k=top_k, temperature=temperature, score_norm=score_norm, mixing=mixing)
+    model.set_routing_strategy(strategy)
     x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
     experts = _layer_experts(model, [f"e{i}" for i in range(len(ranks))], use_rslora)
     # Inputs reach the (float32) adapters as float32; a near-tie may legitimately pick either expert.
@@ -162,9 +164,11 @@ def _model_inputs(arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_route_phase_logits_match_equations_on_saved_tensors(arch, tmp_path):
+@pytest.mark.parametrize("strategy", ["auto", "grouped"])
+def test_route_phase_logits_match_equations_on_saved_tensors(arch, strategy, tmp_path):
     seed = 7
     model = make_library(arch, n_experts=4, ranks=[2, 4, 8], seed=seed)
+    model.set_routing_strategy(strategy)
     by_module = _saved_experts(model, tmp_path)
     inputs = _model_inputs(arch)
     for route_settings in ROUTE_SETTINGS:

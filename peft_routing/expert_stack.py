@@ -1,0 +1,94 @@
+"""One layer's experts stacked into a few contiguous tensors, with PEFT's parameters re-pointed as views into them.
+
+The route phase needs every expert's routing vector, A and B side by side (one scoring matmul, grouped LoRA
+matmuls). Copying them would double the memory of a large library, so the stack *is* the storage: after
+``ExpertStack.build`` each ``lora_A[name].weight``, ``lora_B[name].weight`` and ``lora_route[name]`` of the layer is
+an ``nn.Parameter`` viewing a slice of the stack. PEFT's per-expert parameters stay the source of truth for every
+PEFT operation (save, merge, delete, training); the stack is rebuilt whenever the library changes.
+
+Layout (N experts, ranks padded with zero rows to r_max):
+  ``head``  [N + N * r_max, d_in]: the N routing vectors, then every expert's A rows (so one matmul scores the
+            tokens and computes every expert's shrink, the dense path's trick);
+  ``b_t``   [N, r_max, d_out]: every expert's B transposed (rows of the expand matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .routing import standardize
+
+
+@dataclass
+class ExpertStack:
+    names: list[str]
+    head: torch.Tensor
+    b_t: torch.Tensor
+    scales: torch.Tensor  # [N], LoRA scaling of each expert
+    r_max: int
+    _standardized_vectors: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.names)
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self.head[: self.num_experts]
+
+    @property
+    def a(self) -> torch.Tensor:
+        """[N, r_max, d_in]"""
+        return self.head[self.num_experts :].view(self.num_experts, self.r_max, -1)
+
+    def standardized_vectors(self) -> torch.Tensor:
+        """PHATGOOSE-normalised routing vectors, computed once per stack."""
+        if self._standardized_vectors is None:
+            self._standardized_vectors = standardize(self.vectors)
+        return self._standardized_vectors
+
+    def is_current(self, layer) -> bool:
+        """False when PEFT replaced a parameter since the build (e.g. ``model.to(...)``, dtype casting)."""
+        if list(layer.lora_A.keys()) != self.names or not self.names:
+            return False
+        first = layer.lora_A[self.names[0]].weight
+        return first.device == self.head.device and first.dtype == self.head.dtype and _views(first, self.head)
+
+    @classmethod
+    def build(cls, layer) -> "ExpertStack":
+        """Stack the layer's experts and re-point their parameters as views into the stack."""
+        names = list(layer.lora_A.keys())
+        reference = layer.lora_A[names[0]].weight
+        device, dtype = reference.device, reference.dtype
+        r_max = max(layer.r[n] for n in names)
+        n, d_in, d_out = len(names), layer.in_features, layer.out_features
+        head = torch.zeros(n + n * r_max, d_in, device=device, dtype=dtype)
+        b_t = torch.zeros(n, r_max, d_out, device=device, dtype=dtype)
+        stack = cls(names, head, b_t, torch.tensor([float(layer.scaling[x]) for x in names], dtype=dtype,
+                                                    device=device), r_max)
+        with torch.no_grad():
+            for j, name in enumerate(names):
+                r = layer.r[name]
+                stack.vectors[j].copy_(layer.lora_route[name])
+                stack.a[j, :r].copy_(layer.lora_A[name].weight)
+                b_t[j, :r].copy_(layer.lora_B[name].weight.t())
+                _repoint(layer.lora_route, name, stack.vectors[j])
+                _repoint_weight(layer.lora_A[name], stack.a[j, :r])
+                _repoint_weight(layer.lora_B[name], b_t[j, :r].t())
+        return stack
+
+
+def _views(tensor: torch.Tensor, storage: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+
+
+def _repoint(container: nn.ParameterDict, name: str, view: torch.Tensor) -> None:
+    requires_grad = container[name].requires_grad
+    container[name] = nn.Parameter(view, requires_grad=requires_grad)
+
+
+def _repoint_weight(linear: nn.Linear, view: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(view, requires_grad=linear.weight.requires_grad)

@@ -1,0 +1,122 @@
+"""The route-phase LoRA of one layer, on an ExpertStack, without any [tokens, N, d_out] tensor.
+
+Three strategies, chosen per call (``choose_strategy``; thresholds measured in benchmarks/routing_speed.py):
+  * dense   (N * r_max small): one matmul against [V; A_1..A_N] gives the scores and every expert's shrink, the
+            routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
+  * grouped (large libraries): the T*k (token, expert) pairs are sorted by expert once; two grouped matmuls
+            (torch._grouped_mm) shrink and expand each expert's contiguous slice; index_add scatters back.
+  * gather  (a handful of pairs, e.g. decoding one token): the chosen experts' A/B are gathered and bmm-ed, so
+            only k experts' weights are read.
+All three equal ``routing.routed_lora_delta`` (the per-expert reference loop) up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .config import RoutingSettings
+from .expert_stack import ExpertStack
+from .routing import Routes, routed_lora_delta, select_experts, standardize
+
+STRATEGIES = ("auto", "dense", "grouped", "gather", "loop")
+# dense while N * r_max <= DENSE_MAX_COLUMNS; gather while T * k <= GATHER_MAX_PAIRS (benchmarks/RESULTS.md)
+DENSE_MAX_COLUMNS = int(os.environ.get("PEFT_ROUTING_DENSE_MAX_COLUMNS", 256))
+GATHER_MAX_PAIRS = int(os.environ.get("PEFT_ROUTING_GATHER_MAX_PAIRS", 16))
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
+    if num_pairs <= GATHER_MAX_PAIRS:
+        return "gather"
+    if stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS:
+        return "dense"
+    return "grouped"
+
+
+def grouped_mm_supported(stack: ExpertStack) -> bool:
+    """torch._grouped_mm exists and accepts these shapes (its operands' strides must be multiples of 16 bytes)."""
+    itemsize = stack.head.element_size()
+    dims = (stack.head.shape[-1], stack.r_max, stack.b_t.shape[-1])
+    return _HAS_GROUPED_MM and all(d * itemsize % 16 == 0 for d in dims)
+
+
+def routed_forward(
+    tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, strategy: str = "auto", out=None
+) -> tuple[torch.Tensor, Routes]:
+    """(out + delta, routes) for tokens [T, d_in] in the stack's dtype; ``out`` [T, d_out] is updated in place.
+
+    Accumulating into the base layer's output saves a full pass over a [T, d_out] tensor per layer.
+    """
+    if out is None:
+        out = tokens.new_zeros(tokens.shape[0], stack.b_t.shape[-1])
+    n = stack.num_experts
+    k = min(settings.top_k, n)
+    if tokens.shape[0] == 0:
+        empty = torch.empty(0, k, dtype=torch.long, device=tokens.device)
+        return out, Routes(expert_ids=empty, weights=empty.to(tokens.dtype))
+    if strategy == "auto":
+        strategy = choose_strategy(tokens.shape[0] * k, stack)
+    if strategy == "dense":
+        both = tokens @ stack.head.t()  # scores and every expert's shrink in one pass over the tokens
+        scores, shrunk = both[:, :n], both[:, n:]
+        if settings.score_norm == "standardize":
+            scores = _standardized_scores(tokens, stack)
+        routes = select_experts(scores, settings)
+        return _dense_expand(shrunk, routes, stack, out), routes
+    routes = select_experts(_scores(tokens, stack, settings.score_norm), settings)
+    if strategy == "gather":
+        return _gather(tokens, routes, stack, out), routes
+    if strategy == "grouped" and grouped_mm_supported(stack):
+        return _grouped(tokens, routes, stack, out), routes
+    a = [stack.a[j] for j in range(n)]
+    b = [stack.b_t[j].t() for j in range(n)]
+    return out.add_(routed_lora_delta(tokens, routes, a, b, stack.scales.tolist())), routes
+
+
+def _scores(tokens: torch.Tensor, stack: ExpertStack, score_norm: str) -> torch.Tensor:
+    if score_norm == "standardize":
+        return _standardized_scores(tokens, stack)
+    return tokens @ stack.vectors.t()
+
+
+def _standardized_scores(tokens: torch.Tensor, stack: ExpertStack) -> torch.Tensor:
+    return standardize(tokens) @ stack.standardized_vectors().t() / math.sqrt(tokens.shape[-1])
+
+
+def _pair_gates(routes: Routes, stack: ExpertStack) -> torch.Tensor:
+    """w_tj * s_j for every (token, chosen expert) pair, [T, k]."""
+    return routes.weights.to(stack.scales.dtype) * stack.scales[routes.expert_ids]
+
+
+def _dense_expand(shrunk: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
+    num_tokens = shrunk.shape[0]
+    gates = shrunk.new_zeros(num_tokens, stack.num_experts)
+    gates.scatter_(1, routes.expert_ids, _pair_gates(routes, stack))
+    masked = shrunk.view(num_tokens, stack.num_experts, stack.r_max) * gates.unsqueeze(-1)
+    return out.addmm_(masked.view(num_tokens, -1), stack.b_t.view(-1, stack.b_t.shape[-1]))
+
+
+def _gather(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
+    num_tokens, k = routes.expert_ids.shape
+    ids = routes.expert_ids.reshape(-1)
+    a = stack.a[ids]  # [P, r, d_in]
+    b = stack.b_t[ids]  # [P, r, d_out]
+    x = tokens.repeat_interleave(k, dim=0).unsqueeze(-1)  # [P, d_in, 1]
+    shrunk = torch.bmm(a, x).squeeze(-1) * _pair_gates(routes, stack).reshape(-1, 1)
+    expanded = torch.bmm(shrunk.unsqueeze(1), b).squeeze(1)  # [P, d_out]
+    return out.add_(expanded.view(num_tokens, k, -1).sum(dim=1))
+
+
+def _grouped(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
+    num_tokens, k = routes.expert_ids.shape
+    flat_ids = routes.expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_pair = order // k
+    ends = torch.cumsum(torch.bincount(flat_ids, minlength=stack.num_experts), 0).to(torch.int32)
+    shrunk = torch._grouped_mm(tokens[token_of_pair], stack.a.transpose(1, 2), offs=ends)
+    shrunk = shrunk * _pair_gates(routes, stack).reshape(-1)[order].unsqueeze(-1)
+    expanded = torch._grouped_mm(shrunk, stack.b_t, offs=ends)
+    return out.index_add_(0, token_of_pair, expanded)
