@@ -92,14 +92,14 @@ class RoutingLoraModel(LoraModel):
         others = [name for name in self.peft_config if name != adapter_name]
         check_expert_name(adapter_name, model, others)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._apply_phase()
+        self._apply_phase(library_changed=True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         was_phase_expert = self.phase[1] == adapter_name
         super().delete_adapter(adapter_name)
         if was_phase_expert:
             self._routing_phase = "route"
-        self._apply_phase()
+        self._apply_phase(library_changed=True)
 
     # ------------------------------------------------------------------------------------------------------ library
     @property
@@ -165,8 +165,11 @@ class RoutingLoraModel(LoraModel):
         for layer in self._routing_layers():
             layer.routing_strategy = strategy
 
-    def _apply_phase(self) -> None:
-        """Push the phase to every layer and set requires_grad for exactly the parameters it trains."""
+    def _apply_phase(self, library_changed: bool = False) -> None:
+        """Push the phase to every layer and set requires_grad for exactly the parameters it trains.
+
+        The layers' stacked expert views are rebuilt only after a library change, not on a phase switch.
+        """
         phase, expert = self.phase
         settings = self.routing_settings
         train = self._train_phase
@@ -176,7 +179,8 @@ class RoutingLoraModel(LoraModel):
             expert = None
         for layer in self._routing_layers():
             layer.routing_phase, layer.routing_settings = phase, settings
-            layer.invalidate_expert_stack()
+            if library_changed:
+                layer.invalidate_expert_stack()
             for name in layer.lora_A:
                 train_lora = phase == "expert" and name == expert
                 layer.lora_A[name].requires_grad_(train_lora)
@@ -230,7 +234,7 @@ class RoutingLoraModel(LoraModel):
             if name in self.peft_config:
                 self.delete_adapter(name)
             raise
-        self._apply_phase()
+        self._apply_phase(library_changed=True)
         return name
 
     def _copy_expert_tensors(self, name: str, plan: dict[str, dict[str, torch.Tensor]]) -> None:

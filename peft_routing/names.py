@@ -16,9 +16,14 @@ _RESERVED = {"weight", "bias", "base_layer", "default_0"}
 
 
 def key_components(model: nn.Module) -> set[str]:
-    """Every dot-separated component of the model's parameter, buffer and module names."""
-    names = [n for n, _ in model.named_modules()] + list(model.state_dict().keys())
-    return {part for name in names for part in name.split(".") if part}
+    """Every dot-separated component of the model's module, parameter and buffer names."""
+    parts: set[str] = set()
+    for name, module in model.named_modules():
+        parts.update(name.split("."))
+        parts.update(module._parameters.keys())
+        parts.update(module._buffers.keys())
+    parts.discard("")
+    return parts
 
 
 def check_expert_name(name: object, model: nn.Module, existing: list[str]) -> str:

@@ -21,7 +21,10 @@ from .config import RoutingSettings
 from .expert_stack import ExpertStack
 from .routing import Routes, routed_lora_delta, select_experts, standardize
 
-STRATEGIES = ("auto", "dense", "grouped", "gather", "loop")
+STRATEGIES = ("auto", "dense", "grouped", "gather", "loop", "triton")
+# PEFT_ROUTING_BACKEND=torch keeps CUDA tensors on the PyTorch path; =triton sends every call to the kernels
+# (on CPU that needs TRITON_INTERPRET=1, for testing).
+BACKEND = os.environ.get("PEFT_ROUTING_BACKEND", "auto")
 # dense while N * r_max <= DENSE_MAX_COLUMNS; gather while T * k <= GATHER_MAX_PAIRS (benchmarks/RESULTS.md)
 DENSE_MAX_COLUMNS = int(os.environ.get("PEFT_ROUTING_DENSE_MAX_COLUMNS", 256))
 GATHER_MAX_PAIRS = int(os.environ.get("PEFT_ROUTING_GATHER_MAX_PAIRS", 16))
@@ -57,6 +60,10 @@ def routed_forward(
     if tokens.shape[0] == 0:
         empty = torch.empty(0, k, dtype=torch.long, device=tokens.device)
         return out, Routes(expert_ids=empty, weights=empty.to(tokens.dtype))
+    if strategy == "auto" and _use_triton(tokens, stack, k):
+        strategy = "triton"
+    if strategy == "triton":
+        return _triton(tokens, stack, settings, out)
     if strategy == "auto":
         strategy = choose_strategy(tokens.shape[0] * k, stack)
     if strategy == "dense":
@@ -74,6 +81,29 @@ def routed_forward(
     a = [stack.a[j] for j in range(n)]
     b = [stack.b_t[j].t() for j in range(n)]
     return out.add_(routed_lora_delta(tokens, routes, a, b, stack.scales.tolist())), routes
+
+
+def _use_triton(tokens: torch.Tensor, stack: ExpertStack, k: int) -> bool:
+    if BACKEND == "triton":
+        return True
+    if BACKEND == "torch" or not tokens.is_cuda:
+        return False
+    try:
+        from kernels import launch
+    except ImportError:  # triton not installed
+        return False
+    return launch.supports(stack.num_experts, k, stack.r_max)
+
+
+def _triton(tokens, stack, settings, out):
+    from kernels import launch
+
+    if not launch.supports(stack.num_experts, settings.top_k, stack.r_max):
+        raise ValueError(f"The Triton kernels support up to {launch.MAX_EXPERTS} experts, top_k <= "
+                         f"{launch.MAX_TOP_K} and r <= 128; use the PyTorch path (PEFT_ROUTING_BACKEND=torch).")
+    dense = stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS
+    out, (ids, weights) = launch.triton_routed_forward(tokens, stack, settings, out, dense=dense)
+    return out, Routes(expert_ids=ids, weights=weights)
 
 
 def _scores(tokens: torch.Tensor, stack: ExpertStack, score_norm: str) -> torch.Tensor:

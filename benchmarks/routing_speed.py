@@ -1,0 +1,333 @@
+"""Route-phase speed and memory against PEFT's own multi-LoRA options, measured side by side in one run.
+
+Setup (issue 3): a Llama-like model, hidden 1024, intermediate 2816, 4 layers, all 7 projections adapted, r=16,
+512 tokens, fp32, 2 threads. The forward computes logits for the last position only (``logits_to_keep=1``) so the
+LM head does not dilute the ratios. Every timed system runs in the same loop, in shuffled order, repeat after
+repeat; a ratio is the median over repeats of (system time / base time of the same repeat), which cancels most of
+the machine's noise. Peak memory is the peak RSS of a fresh process that builds one system and runs one forward.
+
+    python benchmarks/routing_speed.py            # full run (~10 min on 2 cores), writes benchmarks/results/routing_speed.json
+    python benchmarks/routing_speed.py --quick    # a smoke run on a smaller model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peft_routing  # noqa: E402,F401
+from peft_routing import RoutingLoraConfig  # noqa: E402
+from peft_routing.config import RoutingSettings  # noqa: E402
+from peft_routing.expert_stack import ExpertStack  # noqa: E402
+from peft_routing.routed_lora import routed_forward  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Setup:
+    hidden: int = 1024
+    intermediate: int = 2816
+    layers: int = 4
+    tokens: int = 512
+    rank: int = 16
+    reps: int = 7
+    library_sizes: tuple = (1, 8, 64, 256)
+    peft_sizes: tuple = (8, 32)
+    decode_experts: int = 64
+    decode_tokens: int = 32
+
+
+QUICK = Setup(hidden=256, intermediate=704, layers=2, tokens=128, reps=3, library_sizes=(1, 8, 64),
+              peft_sizes=(8,), decode_experts=8, decode_tokens=8)
+
+
+def base_model(setup: Setup) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=setup.hidden, intermediate_size=setup.intermediate,
+                         num_hidden_layers=setup.layers, num_attention_heads=setup.hidden // 64,
+                         num_key_value_heads=setup.hidden // 64, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
+def _randomize(model, scale: float = 0.02) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.normal_(0, scale)
+
+
+def peft_lora(base, setup: Setup, n: int):
+    """PEFT's LoRA with n adapters active at once (summed)."""
+    config = lambda: LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=TARGETS)
+    model = get_peft_model(base, config(), adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", config())
+    model.base_model.set_adapter([f"a{i}" for i in range(n)])
+    _randomize(model)
+    return model.eval()
+
+
+def peft_arrow(base, setup: Setup, n: int, top_k: int = 2):
+    """PEFT's Arrow router over n LoRA experts (training-free routing, every expert computed densely)."""
+    from peft import ArrowConfig, create_arrow_model
+
+    folder = Path(tempfile.mkdtemp(prefix="arrow-"))
+    donor = peft_lora(copy.deepcopy(base), setup, 1)
+    paths = []
+    for i in range(n):
+        _randomize(donor)
+        donor.save_pretrained(folder / f"e{i}")
+        paths.append(str(folder / f"e{i}" / "a0"))
+    return create_arrow_model(base, paths, ArrowConfig(top_k=top_k, router_temperature=1.0)).eval()
+
+
+def ours(base, setup: Setup, n: int, top_k: int = 2):
+    config = lambda: RoutingLoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=TARGETS, top_k=top_k)
+    model = get_peft_model(base, config(), adapter_name="e0")
+    for i in range(1, n):
+        model.add_adapter(f"e{i}", config())
+    _randomize(model)
+    model.set_phase("route", top_k=top_k)
+    return model.eval()
+
+
+def forward_fn(model, ids):
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+
+    return run
+
+
+def time_side_by_side(systems: dict, reps: int) -> dict[str, dict]:
+    """Median ratio to 'base' over repeats, each repeat running every system once in shuffled order."""
+    for fn in systems.values():
+        fn()  # warm-up
+    times = {name: [] for name in systems}
+    order = list(systems)
+    for _ in range(reps):
+        random.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            systems[name]()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "ms": statistics.median(t) * 1e3,
+            "ratio": statistics.median(a / b for a, b in zip(t, times["base"])),
+        }
+        for name, t in times.items()
+    }
+
+
+def build_system(name: str, setup: Setup):
+    base = base_model(setup)
+    kind, _, rest = name.partition(":")
+    if kind == "base":
+        return base
+    n, _, k = rest.partition(",k=")
+    n = int(n.removeprefix("N="))
+    if kind == "peft_lora":
+        return peft_lora(base, setup, n)
+    if kind == "peft_arrow":
+        return peft_arrow(base, setup, n, int(k))
+    return ours(base, setup, n, int(k))
+
+
+def whole_model(setup: Setup) -> dict:
+    names = ["base", "peft_lora:N=1"]
+    names += [f"peft_lora:N={n}" for n in setup.peft_sizes] + [f"peft_arrow:N={n},k=2" for n in setup.peft_sizes]
+    ids = torch.randint(0, 8192, (1, setup.tokens), generator=torch.Generator().manual_seed(0))
+    systems = {}
+    for name in names:
+        systems[name] = forward_fn(build_system(name, setup), ids)
+    for n in setup.library_sizes:  # one model per library size; k is switched between the two timed closures
+        model = build_system(f"ours:N={n},k=2", setup)
+        for k in (1, 2):
+            systems[f"ours:N={n},k={k}"] = _with_top_k(model, k, ids)
+    return time_side_by_side(systems, setup.reps)
+
+
+def _with_top_k(model, k: int, ids):
+    run = forward_fn(model, ids)
+
+    def timed():
+        model.set_phase("route", top_k=k)
+        run()
+
+    return timed
+
+
+def decode(setup: Setup) -> dict:
+    """Per-token latency of greedy generation, batch 1, base vs ours (N experts, k=2), with the KV cache."""
+    prompt = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(1))
+    models = {"base": base_model(setup), f"ours:N={setup.decode_experts},k=2": ours(base_model(setup), setup,
+                                                                                   setup.decode_experts, 2)}
+
+    def generate(model):
+        def run():
+            with torch.no_grad():
+                model.generate(input_ids=prompt, max_new_tokens=setup.decode_tokens,
+                               min_new_tokens=setup.decode_tokens, do_sample=False, pad_token_id=0)
+        return run
+
+    timed = time_side_by_side({name: generate(m) for name, m in models.items()}, max(3, setup.reps // 2))
+    for row in timed.values():
+        row["ms_per_token"] = row["ms"] / setup.decode_tokens
+    return timed
+
+
+def peak_memory(setup: Setup, names: list[str], quick: bool) -> dict[str, float]:
+    """Peak RSS (MiB) of a fresh process that builds one system and runs one forward."""
+    peaks = {}
+    for name in names:
+        command = [sys.executable, __file__, "--memory-of", name] + (["--quick"] if quick else [])
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        peaks[name] = json.loads(output.strip().splitlines()[-1])["peak_rss_mib"]
+    return peaks
+
+
+def _memory_child(name: str, setup: Setup) -> None:
+    torch.set_num_threads(2)
+    model = build_system(name, setup)
+    ids = torch.randint(0, 8192, (1, setup.tokens))
+    forward_fn(model, ids)()
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second of a large copy (read + write), the machine's streaming bandwidth."""
+    source = torch.empty(64 * 2**20, dtype=torch.float32).normal_()
+    target = torch.empty_like(source)
+    seconds = min(_seconds(lambda: target.copy_(source)) for _ in range(5))
+    return 2 * source.numel() * 4 / seconds
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def floor_ratio(setup: Setup, n: int, k: int, base_seconds: float, bandwidth: float) -> dict:
+    """The floor model: extra time >= max(extra FLOPs at the base GEMM's FLOP rate, extra bytes at bandwidth).
+
+    Extra FLOPs: scores (N d_in) + shrink (k r d_in) + expand (k r d_out) per token. Extra bytes: the routing
+    vectors and the A/B of every expert used (all of them once T*k >= N), one more read of the tokens and one
+    read-modify-write of the output.
+    """
+    d_in, d_out, r, tokens = setup.hidden, setup.intermediate, setup.rank, setup.tokens
+    flop_rate = 2 * tokens * d_in * d_out / base_seconds
+    extra_flops = 2 * tokens * (n * d_in + k * r * (d_in + d_out))
+    used = min(n, tokens * k)
+    extra_bytes = 4 * (n * d_in + used * r * (d_in + d_out) + tokens * d_in + 2 * tokens * d_out)
+    compute, memory = extra_flops / flop_rate, extra_bytes / bandwidth
+    return {"floor": 1 + max(compute, memory) / base_seconds, "floor_compute": 1 + compute / base_seconds,
+            "floor_memory": 1 + memory / base_seconds, "expert_bytes_vs_w0": used * r * (d_in + d_out) / (d_in * d_out)}
+
+
+def layer_micro(setup: Setup) -> list[dict]:
+    """One d_in -> d_out layer, T tokens, k=2: each strategy vs the base matmul, next to the floor model."""
+    d_in, d_out, r, tokens, k = setup.hidden, setup.intermediate, setup.rank, setup.tokens, 2
+    weight = torch.randn(d_out, d_in) / d_in**0.5
+    x = torch.randn(tokens, d_in)
+    bandwidth = memory_bandwidth()
+    rows = []
+    for n in setup.library_sizes:
+        g = torch.Generator().manual_seed(n)
+        stack = ExpertStack([f"e{i}" for i in range(n)], torch.randn(n + n * r, d_in, generator=g) / 32,
+                            torch.randn(n, r, d_out, generator=g) / 4, torch.full((n,), 2.0), r)
+        routing = RoutingSettings(top_k=k)
+        systems = {"base": lambda: x @ weight.t()}
+        for strategy in ("auto", "dense", "grouped", "loop"):
+            systems[strategy] = lambda s=strategy: routed_forward(x, stack, routing, s, out=x @ weight.t())
+        timed = time_side_by_side(systems, setup.reps)
+        floor = floor_ratio(setup, n, k, timed["base"]["ms"] / 1e3, bandwidth)
+        rows.append({"N": n, **{s: timed[s]["ratio"] for s in systems if s != "base"},
+                     "base_ms": timed["base"]["ms"], "bandwidth_gbs": bandwidth / 1e9, **floor})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    setup = QUICK if args.quick else Setup()
+    if args.memory_of:
+        return _memory_child(args.memory_of, setup)
+    torch.set_num_threads(2)
+    started = time.time()
+    result = {"setup": vars(setup), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": "cpu"}
+    print(f"setup: {setup}", flush=True)
+    result["layer"] = layer_micro(setup)
+    _print_layer(result["layer"])
+    result["whole_model"] = whole_model(setup)
+    sizes = setup.library_sizes
+    memory_names = ["base", "peft_lora:N=1"] + [f"ours:N={n},k=2" for n in (sizes[1], sizes[-1])]
+    result["peak_rss_mib"] = peak_memory(setup, memory_names, args.quick)
+    result["expert_mib"] = _expert_mib(setup)
+    _print_whole(result)
+    result["decode"] = decode(setup)
+    _print_decode(result["decode"])
+    result["seconds"] = time.time() - started
+    out = args.out or RESULTS / ("routing_speed_quick.json" if args.quick else "routing_speed.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out} ({result['seconds']:.0f} s)")
+
+
+def _expert_mib(setup: Setup) -> float:
+    """Bytes of one expert (A, B and routing vectors of all adapted modules), in MiB."""
+    h, i, r = setup.hidden, setup.intermediate, setup.rank
+    per_layer = 4 * (r * 2 * h + h) + 2 * (r * (h + i) + h) + (r * (i + h) + i)
+    return per_layer * setup.layers * 4 / 2**20
+
+
+def _print_layer(rows) -> None:
+    print("\nlayer micro-benchmark, k=2 (cost / base layer) next to the floor model")
+    print(f"{'N':>5} {'auto':>6} {'dense':>6} {'grouped':>8} {'loop':>6} {'floor':>6} {'(compute':>9} {'memory)':>8}"
+          f" {'A/B bytes / W0':>15}")
+    for row in rows:
+        print(f"{row['N']:>5} {row['auto']:6.2f} {row['dense']:6.2f} {row['grouped']:8.2f} {row['loop']:6.2f} "
+              f"{row['floor']:6.2f} {row['floor_compute']:9.2f} {row['floor_memory']:8.2f} "
+              f"{row['expert_bytes_vs_w0']:15.2f}")
+
+
+def _print_whole(result) -> None:
+    print("\nwhole-model forward (cost / base, median of interleaved repeats), peak RSS of a fresh process")
+    print(f"{'system':<22} {'ms':>8} {'x base':>7} {'peak MiB':>9}")
+    for name, row in result["whole_model"].items():
+        peak = result["peak_rss_mib"].get(name)
+        print(f"{name:<22} {row['ms']:8.1f} {row['ratio']:7.2f} {'' if peak is None else f'{peak:9.0f}'}")
+    print(f"one expert = {result['expert_mib']:.2f} MiB")
+
+
+def _print_decode(rows) -> None:
+    print("\ndecode, batch 1, KV cache (ms per generated token)")
+    for name, row in rows.items():
+        print(f"{name:<22} {row['ms_per_token']:8.2f} {row['ratio']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

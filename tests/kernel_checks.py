@@ -1,0 +1,138 @@
+"""Triton kernels vs the PyTorch reference, run in a child process under TRITON_INTERPRET=1.
+
+An unmasked out-of-bounds load in the interpreter kills the whole process, so tests/test_kernels.py runs this file in
+a subprocess and turns a crash into a test failure. Usage: python tests/kernel_checks.py CHECK [MAX_EXAMPLES]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton and the kernels are imported
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kernels import launch  # noqa: E402
+from peft_routing.config import RoutingSettings  # noqa: E402
+from peft_routing.expert_stack import ExpertStack  # noqa: E402
+from peft_routing.routed_lora import routed_forward  # noqa: E402
+from peft_routing.routing import route_scores, select_experts  # noqa: E402
+
+MAX_EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+COMPARED = []  # cases that reached a comparison (a check that compares nothing must fail)
+
+
+def _stack(n, r_max, d_in, d_out, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randn(n + n * r_max, d_in, generator=g)
+    head[:n] *= 4  # spread the scores so that near-ties are rare
+    b_t = torch.randn(n, r_max, d_out, generator=g) * 0.1
+    scales = torch.rand(n, generator=g) + 0.5
+    return ExpertStack([f"e{i}" for i in range(n)], head.to(dtype), b_t.to(dtype), scales.to(dtype), r_max)
+
+
+def _margin_ok(tokens, vectors, routing) -> bool:
+    scores = route_scores(tokens.float(), vectors.float(), routing.score_norm).sort(dim=-1, descending=True).values
+    k = min(routing.top_k, vectors.shape[0])
+    return k == vectors.shape[0] or tokens.shape[0] == 0 or bool((scores[:, k - 1] - scores[:, k] > 2e-5).all())
+
+
+shapes = dict(
+    n=st.integers(1, 64), r_max=st.integers(4, 32), d_in=st.integers(1, 70), d_out=st.integers(1, 70),
+    tokens=st.sampled_from([1, 5, 33, 0]), top_k=st.integers(1, 4),
+    score_norm=st.sampled_from(["none", "standardize"]), mixing=st.sampled_from(["softmax", "sigmoid"]),
+    dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 10_000),
+)
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(**shapes)
+def check_route(n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed):
+    stack = _stack(n, r_max, d_in, d_out, seed, torch.float32)
+    routing = RoutingSettings(top_k=top_k, temperature=0.8, score_norm=score_norm, mixing=mixing)
+    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype).float()
+    if not _margin_ok(x, stack.vectors, routing):
+        return
+    ids, weights = launch.route(x, stack.vectors, top_k, 0.8, score_norm, mixing)
+    want = select_experts(route_scores(x, stack.vectors, score_norm), routing)
+    assert torch.equal(ids, want.expert_ids), (ids, want.expert_ids)
+    torch.testing.assert_close(weights, want.weights, atol=1e-5, rtol=1e-4)
+    COMPARED.append(tokens)
+
+
+def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed):
+    stack = _stack(n, r_max, d_in, d_out, seed, dtype)
+    routing = RoutingSettings(top_k=top_k, temperature=0.8, score_norm=score_norm, mixing=mixing)
+    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if not _margin_ok(x, stack.vectors, routing):
+        return
+    base = torch.randn(tokens, d_out, generator=torch.Generator().manual_seed(seed + 1))
+    float_stack = ExpertStack(stack.names, stack.head.float(), stack.b_t.float(), stack.scales.float(), r_max)
+    want, _ = routed_forward(x.float(), float_stack, routing, "loop", out=base.clone())
+    got, _ = launch.triton_routed_forward(x.float(), float_stack, routing, base.clone(), dense=dense)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    COMPARED.append(tokens)
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(**shapes)
+def check_sorted(**case):
+    _check_lora(False, **case)
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(**shapes)
+def check_dense(**case):
+    _check_lora(True, **case)
+
+
+def check_align():
+    for n, pairs in ((1, 0), (1, 7), (5, 40), (64, 130), (3, 1)):
+        ids = torch.randint(0, n, (pairs,), generator=torch.Generator().manual_seed(pairs))
+        sorted_pairs, block_expert, used = launch.align(ids.view(-1, 1), n)
+        counts = torch.bincount(ids, minlength=n)
+        padded = (counts + launch.BLOCK_M - 1) // launch.BLOCK_M * launch.BLOCK_M
+        assert int(used) == int(padded.sum())
+        assert sorted_pairs.numel() >= pairs + n * (launch.BLOCK_M - 1)
+        real = sorted_pairs[sorted_pairs < pairs]
+        assert sorted(real.tolist()) == list(range(pairs))  # every pair exactly once
+        for block, expert in enumerate(block_expert.tolist()):
+            rows = sorted_pairs[block * launch.BLOCK_M : (block + 1) * launch.BLOCK_M]
+            members = rows[rows < pairs]
+            if expert < 0:
+                assert members.numel() == 0
+            else:
+                assert bool((ids[members] == expert).all())
+        COMPARED.append(pairs)
+
+
+def check_model():
+    """A whole routed model: the Triton strategy gives the logits of the PyTorch reference loop."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make_library, token_batch
+
+    for n, top_k in ((3, 1), (6, 2), (40, 2)):
+        model = make_library("llama", n_experts=n, ranks=[4, 8], seed=n)
+        model.set_phase("route", top_k=top_k)
+        ids = token_batch(2, 5, seed=n)
+        with torch.no_grad():
+            model.set_routing_strategy("loop")
+            want = model(input_ids=ids).logits
+            model.set_routing_strategy("triton")
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        COMPARED.append(n)
+
+
+if __name__ == "__main__":
+    checks = {"route": check_route, "sorted": check_sorted, "dense": check_dense, "align": check_align,
+              "model": check_model}
+    checks[sys.argv[1]]()
+    nonempty = sum(1 for t in COMPARED if t)
+    assert nonempty >= max(1, len(COMPARED) // 3), f"only {nonempty} non-empty cases were compared: {COMPARED}"
+    print(f"compared {len(COMPARED)} cases ({nonempty} non-empty)")
+    print("ok")
