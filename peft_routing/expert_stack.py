@@ -31,18 +31,12 @@ class ExpertStack:
     r_max: int
     _standardized_vectors: torch.Tensor | None = None
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.names)
-
-    @property
-    def vectors(self) -> torch.Tensor:
-        return self.head[: self.num_experts]
-
-    @property
-    def a(self) -> torch.Tensor:
-        """[N, r_max, d_in]"""
-        return self.head[self.num_experts :].view(self.num_experts, self.r_max, -1)
+    def __post_init__(self) -> None:
+        self.num_experts = len(self.names)
+        self.vectors = self.head[: self.num_experts]  # [N, d_in]
+        self.a = self.head[self.num_experts :].view(self.num_experts, self.r_max, -1)  # [N, r_max, d_in]
+        self.a_rows = self.head[self.num_experts :]  # [N * r_max, d_in]
+        self.b_rows = self.b_t.view(-1, self.b_t.shape[-1])  # [N * r_max, d_out]
 
     def standardized_vectors(self) -> torch.Tensor:
         """PHATGOOSE-normalised routing vectors, computed once per stack."""

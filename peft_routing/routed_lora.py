@@ -3,8 +3,11 @@
 Three strategies, chosen per call (``choose_strategy``; thresholds measured in benchmarks/routing_speed.py):
   * dense   (N * r_max small): one matmul against [V; A_1..A_N] gives the scores and every expert's shrink, the
             routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
-  * grouped (large libraries): the T*k (token, expert) pairs are sorted by expert once; two grouped matmuls
-            (torch._grouped_mm) shrink and expand each expert's contiguous slice; index_add scatters back.
+  * padded  (large libraries): the T*k (token, expert) pairs are sorted by expert once and laid out as
+            [N, C, d_in] with C the largest expert's count; two batched matmuls shrink and expand every expert at
+            once; index_add scatters back. When routing is so skewed that padding would more than double the work,
+            it falls back to grouped.
+  * grouped: the same sorted pairs, contiguous per expert, through torch._grouped_mm (no padding).
   * gather  (a handful of pairs, e.g. decoding one token): the chosen experts' A/B are gathered and bmm-ed, so
             only k experts' weights are read.
 All three equal ``routing.routed_lora_delta`` (the per-expert reference loop) up to float rounding.
@@ -21,13 +24,14 @@ from .config import RoutingSettings
 from .expert_stack import ExpertStack
 from .routing import Routes, routed_lora_delta, select_experts, standardize
 
-STRATEGIES = ("auto", "dense", "grouped", "gather", "loop", "triton")
+STRATEGIES = ("auto", "dense", "padded", "grouped", "gather", "loop", "triton")
 # PEFT_ROUTING_BACKEND=torch keeps CUDA tensors on the PyTorch path; =triton sends every call to the kernels
 # (on CPU that needs TRITON_INTERPRET=1, for testing).
 BACKEND = os.environ.get("PEFT_ROUTING_BACKEND", "auto")
 # dense while N * r_max <= DENSE_MAX_COLUMNS; gather while T * k <= GATHER_MAX_PAIRS (benchmarks/RESULTS.md)
 DENSE_MAX_COLUMNS = int(os.environ.get("PEFT_ROUTING_DENSE_MAX_COLUMNS", 256))
 GATHER_MAX_PAIRS = int(os.environ.get("PEFT_ROUTING_GATHER_MAX_PAIRS", 16))
+FEW_PAIRS = 4  # at most this many (token, expert) pairs: a Python loop over views beats gathering copies
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -36,7 +40,7 @@ def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
         return "gather"
     if stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS:
         return "dense"
-    return "grouped"
+    return "padded"
 
 
 def grouped_mm_supported(stack: ExpertStack) -> bool:
@@ -76,11 +80,11 @@ def routed_forward(
     routes = select_experts(_scores(tokens, stack, settings.score_norm), settings)
     if strategy == "gather":
         return _gather(tokens, routes, stack, out), routes
+    if strategy == "padded":
+        return _padded(tokens, routes, stack, out), routes
     if strategy == "grouped" and grouped_mm_supported(stack):
         return _grouped(tokens, routes, stack, out), routes
-    a = [stack.a[j] for j in range(n)]
-    b = [stack.b_t[j].t() for j in range(n)]
-    return out.add_(routed_lora_delta(tokens, routes, a, b, stack.scales.tolist())), routes
+    return out.add_(_loop(tokens, routes, stack)), routes
 
 
 def _use_triton(tokens: torch.Tensor, stack: ExpertStack, k: int) -> bool:
@@ -126,10 +130,12 @@ def _dense_expand(shrunk: torch.Tensor, routes: Routes, stack: ExpertStack, out:
     gates = shrunk.new_zeros(num_tokens, stack.num_experts)
     gates.scatter_(1, routes.expert_ids, _pair_gates(routes, stack))
     masked = shrunk.view(num_tokens, stack.num_experts, stack.r_max) * gates.unsqueeze(-1)
-    return out.addmm_(masked.view(num_tokens, -1), stack.b_t.view(-1, stack.b_t.shape[-1]))
+    return out.addmm_(masked.view(num_tokens, -1), stack.b_rows)
 
 
 def _gather(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
+    if routes.expert_ids.numel() <= FEW_PAIRS:
+        return _few_pairs(tokens, routes, stack, out)
     num_tokens, k = routes.expert_ids.shape
     ids = routes.expert_ids.reshape(-1)
     a = stack.a[ids]  # [P, r, d_in]
@@ -140,13 +146,53 @@ def _gather(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch
     return out.add_(expanded.view(num_tokens, k, -1).sum(dim=1))
 
 
+def _few_pairs(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
+    """Decoding a token or two: two small matmuls per pair on views of the stack, no gathered copies."""
+    gates = _pair_gates(routes, stack).tolist()
+    for token, (experts, token_gates) in enumerate(zip(routes.expert_ids.tolist(), gates)):
+        x, row = tokens[token], out[token]
+        for expert, gate in zip(experts, token_gates):
+            row.add_((stack.a[expert] @ x) @ stack.b_t[expert], alpha=gate)
+    return out
+
+
+def _padded(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
+    num_tokens, k = routes.expert_ids.shape
+    n = stack.num_experts
+    flat_ids = routes.expert_ids.reshape(-1)
+    counts = torch.bincount(flat_ids, minlength=n)
+    capacity = int(counts.max())
+    if n * capacity > 2 * flat_ids.numel() + 64:
+        if grouped_mm_supported(stack):
+            return _grouped(tokens, routes, stack, out)
+        return out.add_(_loop(tokens, routes, stack))
+    order = torch.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = sorted_ids * capacity + (torch.arange(order.numel(), device=order.device) - starts[sorted_ids])
+    # padding slots read token 0 with a zero gate, so they add exactly 0 to token 0
+    source = torch.zeros(n * capacity, dtype=torch.long, device=order.device).index_copy_(0, slot, order // k)
+    gates = torch.zeros(n * capacity, dtype=tokens.dtype, device=tokens.device)
+    gates.index_copy_(0, slot, _pair_gates(routes, stack).reshape(-1)[order].to(tokens.dtype))
+    x = torch.index_select(tokens, 0, source).view(n, capacity, -1)
+    shrunk = torch.bmm(x, stack.a.transpose(1, 2)) * gates.view(n, capacity, 1)
+    expanded = torch.bmm(shrunk, stack.b_t).view(n * capacity, -1)
+    return out.index_add_(0, source, expanded)
+
+
+def _loop(tokens: torch.Tensor, routes: Routes, stack: ExpertStack) -> torch.Tensor:
+    a = [stack.a[j] for j in range(stack.num_experts)]
+    b = [stack.b_t[j].t() for j in range(stack.num_experts)]
+    return routed_lora_delta(tokens, routes, a, b, stack.scales.tolist())
+
+
 def _grouped(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
     num_tokens, k = routes.expert_ids.shape
     flat_ids = routes.expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     token_of_pair = order // k
     ends = torch.cumsum(torch.bincount(flat_ids, minlength=stack.num_experts), 0).to(torch.int32)
-    shrunk = torch._grouped_mm(tokens[token_of_pair], stack.a.transpose(1, 2), offs=ends)
+    shrunk = torch._grouped_mm(torch.index_select(tokens, 0, token_of_pair), stack.a.transpose(1, 2), offs=ends)
     shrunk = shrunk * _pair_gates(routes, stack).reshape(-1)[order].unsqueeze(-1)
     expanded = torch._grouped_mm(shrunk, stack.b_t, offs=ends)
     return out.index_add_(0, token_of_pair, expanded)

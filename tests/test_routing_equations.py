@@ -66,7 +66,7 @@ def _layer_experts(model, names, use_rslora) -> list[ExpertTensors]:
     mixing=st.sampled_from(["softmax", "sigmoid"]),
     use_rslora=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    strategy=st.sampled_from(["auto", "dense", "grouped", "gather", "loop"]),
+    strategy=st.sampled_from(["auto", "dense", "padded", "grouped", "gather", "loop"]),
     seed=st.integers(0, 2**16),
 )
 def test_route_phase_layer_matches_equations(
@@ -164,7 +164,7 @@ def _model_inputs(arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("strategy", ["auto", "grouped"])
+@pytest.mark.parametrize("strategy", ["auto", "padded", "grouped"])
 def test_route_phase_logits_match_equations_on_saved_tensors(arch, strategy, tmp_path):
     seed = 7
     model = make_library(arch, n_experts=4, ranks=[2, 4, 8], seed=seed)
