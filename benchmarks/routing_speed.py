@@ -210,7 +210,16 @@ def _memory_child(name: str, setup: Setup) -> None:
     model = build_system(name, setup)
     ids = torch.randint(0, 8192, (1, setup.tokens))
     forward_fn(model, ids)()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not getrusage: ru_maxrss survives execve, so a child would report the
+    (large) peak of the benchmark process that started it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_bandwidth() -> float:
@@ -257,7 +266,7 @@ def layer_micro(setup: Setup) -> list[dict]:
                             torch.randn(n, r, d_out, generator=g) / 4, torch.full((n,), 2.0), r)
         routing = RoutingSettings(top_k=k)
         systems = {"base": lambda: x @ weight.t()}
-        for strategy in ("auto", "dense", "grouped", "loop"):
+        for strategy in ("auto", "dense", "padded", "grouped", "loop"):
             systems[strategy] = lambda s=strategy: routed_forward(x, stack, routing, s, out=x @ weight.t())
         timed = time_side_by_side(systems, setup.reps)
         floor = floor_ratio(setup, n, k, timed["base"]["ms"] / 1e3, bandwidth)
@@ -306,10 +315,11 @@ def _expert_mib(setup: Setup) -> float:
 
 def _print_layer(rows) -> None:
     print("\nlayer micro-benchmark, k=2 (cost / base layer) next to the floor model")
-    print(f"{'N':>5} {'auto':>6} {'dense':>6} {'grouped':>8} {'loop':>6} {'floor':>6} {'(compute':>9} {'memory)':>8}"
-          f" {'A/B bytes / W0':>15}")
+    print(f"{'N':>5} {'auto':>6} {'dense':>6} {'padded':>7} {'grouped':>8} {'loop':>6} {'floor':>6} {'(compute':>9}"
+          f" {'memory)':>8} {'A/B bytes / W0':>15}")
     for row in rows:
-        print(f"{row['N']:>5} {row['auto']:6.2f} {row['dense']:6.2f} {row['grouped']:8.2f} {row['loop']:6.2f} "
+        print(f"{row['N']:>5} {row['auto']:6.2f} {row['dense']:6.2f} {row['padded']:7.2f} {row['grouped']:8.2f} "
+              f"{row['loop']:6.2f} "
               f"{row['floor']:6.2f} {row['floor_compute']:9.2f} {row['floor_memory']:8.2f} "
               f"{row['expert_bytes_vs_w0']:15.2f}")
 

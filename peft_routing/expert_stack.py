@@ -14,6 +14,9 @@ Layout (N experts, ranks padded with zero rows to r_max):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +75,28 @@ class ExpertStack:
                 _repoint(layer.lora_route, name, stack.vectors[j])
                 _repoint_weight(layer.lora_A[name], stack.a[j, :r])
                 _repoint_weight(layer.lora_B[name], b_t[j, :r].t())
+        if device.type == "cpu":
+            _release_freed_host_memory()
         return stack
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_host_memory() -> None:
+    """Give the replaced per-expert tensors' memory back to the OS (glibc keeps small freed blocks otherwise).
+
+    Without it the process keeps both the old parameters and the stack resident: twice the library's memory.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _views(tensor: torch.Tensor, storage: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
 """The route-phase LoRA of one layer, on an ExpertStack, without any [tokens, N, d_out] tensor.
 
-Three strategies, chosen per call (``choose_strategy``; thresholds measured in benchmarks/routing_speed.py):
+Strategies, chosen per call by ``choose_strategy`` (thresholds measured with benchmarks/routing_speed.py), or
+forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``kernels/`` (CUDA tensors by default):
   * dense   (N * r_max small): one matmul against [V; A_1..A_N] gives the scores and every expert's shrink, the
             routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
   * padded  (large libraries): the T*k (token, expert) pairs are sorted by expert once and laid out as
@@ -8,9 +9,9 @@ Three strategies, chosen per call (``choose_strategy``; thresholds measured in b
             once; index_add scatters back. When routing is so skewed that padding would more than double the work,
             it falls back to grouped.
   * grouped: the same sorted pairs, contiguous per expert, through torch._grouped_mm (no padding).
-  * gather  (a handful of pairs, e.g. decoding one token): the chosen experts' A/B are gathered and bmm-ed, so
-            only k experts' weights are read.
-All three equal ``routing.routed_lora_delta`` (the per-expert reference loop) up to float rounding.
+  * gather  (a handful of pairs, e.g. decoding one token): only the chosen experts' A/B are read (a loop over
+            views for up to FEW_PAIRS pairs, gathered copies and bmm beyond).
+  * loop: the per-expert reference loop ``routing.routed_lora_delta``; every strategy equals it up to rounding.
 """
 
 from __future__ import annotations
