@@ -37,12 +37,13 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for path, module in model.named_modules():
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if isinstance(base, ADAPTABLE_TYPES) and not _inside_tuner_layer(path, model):
+        if isinstance(base, ADAPTABLE_TYPES) and not _inside_tuner_layer(path):
             found[path] = base
     return found
 
 
-def _inside_tuner_layer(path: str, model: nn.Module) -> bool:
+def _inside_tuner_layer(path: str) -> bool:
+    """PEFT wraps the original layer as `.base_layer` and adds `.lora_A.<name>` Linears: neither is a target."""
     return ".base_layer" in f".{path}" or ".lora_" in f".{path}"
 
 

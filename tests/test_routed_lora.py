@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import make_library, token_batch
 from hypothesis import HealthCheck, given, settings
