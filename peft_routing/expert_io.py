@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RoutingLoraConfig
@@ -152,8 +153,6 @@ def _read_plain_lora(path: Path) -> tuple[RoutingLoraConfig, dict[str, torch.Ten
     routes: dict[str, torch.Tensor] = {}
     side_file = path / ROUTES_FILE
     if side_file.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(side_file), framework="pt") as handle:
             metadata = handle.metadata() or {}
         routes = load_file(side_file)

@@ -33,6 +33,7 @@ class ExpertStack:
     scales: torch.Tensor  # [N], LoRA scaling of each expert
     r_max: int
     _standardized_vectors: torch.Tensor | None = None
+    _standardized_version: int = -1
 
     def __post_init__(self) -> None:
         self.num_experts = len(self.names)
@@ -42,9 +43,14 @@ class ExpertStack:
         self.b_rows = self.b_t.view(-1, self.b_t.shape[-1])  # [N * r_max, d_out]
 
     def standardized_vectors(self) -> torch.Tensor:
-        """PHATGOOSE-normalised routing vectors, computed once per stack."""
-        if self._standardized_vectors is None:
+        """PHATGOOSE-normalised routing vectors, recomputed only after the vectors changed.
+
+        PEFT's parameters are views of ``head`` and share its version counter, so an in-place update (a router
+        training step, a load) bumps ``head._version`` and invalidates this cache.
+        """
+        if self._standardized_vectors is None or self._standardized_version != self.head._version:
             self._standardized_vectors = standardize(self.vectors)
+            self._standardized_version = self.head._version
         return self._standardized_vectors
 
     def is_current(self, layer) -> bool:

@@ -105,3 +105,24 @@ def test_route_phase_survives_a_dtype_round_trip():
         model.to(torch.float64)
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_standardized_scores_follow_router_training_after_the_stack_was_built():
+    model = make_library("llama", n_experts=3, seed=2)
+    ids = token_batch()
+    model.set_phase("route", top_k=2, score_norm="standardize")
+    with torch.no_grad():
+        model(input_ids=ids)  # builds the stacks and their standardized vectors
+    model.set_phase("router", "expert_1")
+    with torch.no_grad():  # a router training step changes the vectors in place (they are views of the stack)
+        for name, param in model.named_parameters():
+            if name.endswith(".lora_route.expert_1"):
+                param.mul_(-3.0).add_(0.5)
+    model.set_phase("route")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        for layer in model.modules():
+            if hasattr(layer, "invalidate_expert_stack"):
+                layer.invalidate_expert_stack()  # a stack built from scratch: the independent answer
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
