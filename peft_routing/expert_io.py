@@ -21,6 +21,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import with_default_mode
 from .config import RoutingLoraConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -86,7 +87,7 @@ def write_expert_folder(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _write_files(staging, config, tensors, as_plain_lora)
-        _replace_folder(staging, target)
+        _replace_folder(with_default_mode(staging), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -26,8 +26,11 @@ def key_components(model: nn.Module) -> set[str]:
     return parts
 
 
-def check_expert_name(name: object, model: nn.Module, existing: list[str]) -> str:
-    """Return ``name`` if it is safe as an expert name for ``model``; otherwise raise ValueError saying why."""
+def check_expert_name(name: object, model: nn.Module | None, existing: list[str]) -> str:
+    """Return ``name`` if it is safe as an expert name for ``model``; otherwise raise ValueError saying why.
+
+    With ``model=None`` (no model loaded yet) the collision check with the model's own key components is skipped.
+    """
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise ValueError(
             f"Invalid expert name {name!r}: use 1-100 characters, a letter first, then letters, digits, '_' or '-' "
@@ -38,7 +41,8 @@ def check_expert_name(name: object, model: nn.Module, existing: list[str]) -> st
             f"An expert named {name!r} already exists in this model (experts: {existing}). "
             "Choose another name, or remove_expert() the old one first."
         )
-    if name in _RESERVED or name.startswith("lora_") or name in "lora_" or name in key_components(model):
+    reserved = name in _RESERVED or name.startswith("lora_") or name in "lora_"
+    if reserved or (model is not None and name in key_components(model)):
         raise ValueError(
             f"Invalid expert name {name!r}: it is also a part of the model's own parameter names, so PEFT would "
             "mix up its tensors on save. Choose a more specific name, e.g. 'expert_" + name + "'."

@@ -132,3 +132,13 @@ def tmp_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+
+# chat-capable tiny models (a character tokenizer with a ChatML template) live in the package for the examples too
+from peft_routing.tiny_models import (  # noqa: E402,F401
+    CHAT_TEMPLATE,
+    tiny_chat_llama,
+    tiny_chat_llava,
+    tiny_chat_tokenizer,
+)
