@@ -3,6 +3,13 @@
 Runs in seconds offline: the model is a tiny LLaVA built from a config (CLIP vision tower + 2-block Llama, random
 weights, a character tokenizer; peft_routing.tiny_models), and the images are drawn with PIL. With a real LLaVA
 checkpoint, pass its model and AutoProcessor instead; nothing else changes.
+
+What it shows: the image-task training path (processor chat template, image tokens, answer-only loss), the vision
+side left untouched, and each expert learning its task. What it cannot show: routing. With random weights the
+hidden states carry almost no context, and the token that predicts every answer is the same template token
+("assistant\n"), so the routing vectors have nothing to tell the tasks apart by; the routed figure it prints is
+near chance or below. Routing needs a pretrained model's contextual features: see the SmolLM2 demo
+(`peft-routing demo`), where the routed library matches each task's own expert.
 Run: python examples/llava_image_tasks.py
 """
 
@@ -59,7 +66,8 @@ def main() -> None:
         own = answer_accuracy(model, processor, _examples(task))
         model.set_phase("route")
         routed = answer_accuracy(model, processor, _examples(task))
-        print(f"{task}: own expert {own:.1f}%, routed library {routed:.1f}% (held-out images)")
+        print(f"{task}: own expert {own:.1f}%, routed library {routed:.1f}% (held-out images; random tiny model, "
+              "see the docstring)")
 
 
 def _examples(task: str):

@@ -131,6 +131,10 @@ def _run_learn(args) -> int:
                                    top_k=args.top_k, layers_to_transform=_top_layers(base, args.top_layers))
         model = get_peft_model(base, config, adapter_name=args.name)
     common = _drop_none(seed=args.seed, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16 or None)
+    if args.bf16:
+        import torch
+
+        common["use_cpu"] = not torch.cuda.is_available()  # transformers allows bf16 on CPU only with use_cpu
     expert_args = _drop_none(max_steps=args.expert_steps, learning_rate=args.lr,
                              per_device_train_batch_size=args.batch_size, **common)
     router_args = _drop_none(max_steps=args.router_steps, learning_rate=args.router_lr,

@@ -11,9 +11,9 @@ The general probe (multiple-choice capitals) is never trained on: it shows wheth
 knowledge survives. Outputs: ``results.json``, ``routing.png`` (where each task's tokens go) and the library.
 
 The budget is small so that the whole run takes minutes on 2 CPU cores (the library's defaults are the paper's):
-adapters on all 7 projections of the top 10 of SmolLM2's 30 blocks, r=16, 48 expert steps at batch 8 and lr 1e-3
-(constant), 4 router steps at batch 8 and lr 1e-2, the LM head applied to answer positions only, 256 training and
-48 test examples per task.
+adapters on all 7 projections of the top 10 of SmolLM2's 30 blocks, r=16, 40 expert steps at batch 8 and lr 1e-3
+(constant), 3 router steps at batch 8 and lr 1e-2, the LM head applied to answer positions only, 256 training and
+40 test examples per task.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class DemoSettings:
     tasks: tuple[str, ...] = ("sentiment", "dates", "reverse")
     train_examples: int = 256
-    test_examples: int = 48
+    test_examples: int = 40
     top_layers: int = 10
     rank: int = 16
     alpha: int = 32
     batch_size: int = 8
-    expert_steps: int = 48
+    expert_steps: int = 40
     expert_lr: float = 1e-3
-    router_steps: int = 4
+    router_steps: int = 3
     router_lr: float = 1e-2
     top_k: int = 1
     seed: int = 0

@@ -17,6 +17,7 @@ import copy
 import inspect
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,6 +38,9 @@ EXPERT_DEFAULTS: dict[str, Any] = dict(
 ROUTER_DEFAULTS: dict[str, Any] = dict(
     learning_rate=1e-2, lr_scheduler_type="constant", max_steps=100, per_device_train_batch_size=32,
 )
+# Trainer itself calls this deprecated transformers property on every run; the warning is not the user's to fix.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 _COMMON: dict[str, Any] = dict(
     save_strategy="no", report_to="none", logging_steps=10, logging_first_step=True, remove_unused_columns=False,
     label_names=["labels"], dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0,

@@ -81,11 +81,15 @@ def test_learning_a_new_task_leaves_earlier_experts_bit_identical():
 
 
 def test_training_options_from_transformers_work():
-    """Gradient accumulation and gradient checkpointing come from Trainer, not from us."""
+    """Gradient accumulation, gradient checkpointing and bf16 mixed precision come from Trainer, not from us."""
     model, tokenizer = routing_model()
     report = train_expert(model, "alpha", task_records("A", "yes"), tokenizer, **dict(
         FAST, gradient_accumulation_steps=2, gradient_checkpointing=True, max_steps=6))
     assert report.steps == 6 and report.losses[-1][1] < report.losses[0][1]
+    model, tokenizer = routing_model()
+    mixed = train_expert(model, "alpha", task_records("A", "yes"), tokenizer, **dict(
+        FAST, bf16=True, use_cpu=not torch.cuda.is_available(), max_steps=6))  # bf16 on CPU needs use_cpu
+    assert mixed.steps == 6 and mixed.losses[-1][1] < mixed.losses[0][1]
     with pytest.raises(TypeError, match="Unknown training option"):
         train_expert(model, "alpha", task_records("A", "yes"), tokenizer, not_an_option=1)
 
