@@ -75,11 +75,21 @@ def _reverse_list(rng: random.Random) -> ChatExample:
     return _chat(f"Reverse the list: {', '.join(items)}", ", ".join(reversed(items)))
 
 
+WORDS = ["river", "stone", "cloud", "garden", "window", "silver", "forest", "candle", "mirror", "pocket", "ladder",
+         "button", "rocket", "pillow", "bridge", "island"]
+
+
+def _shout(rng: random.Random) -> ChatExample:
+    words = " ".join(rng.sample(WORDS, 2))
+    return _chat(f"Shout these words: {words}", words.upper() + "!")
+
+
 GENERATORS: dict[str, tuple[str, Callable[[random.Random], ChatExample]]] = {
     "sentiment": ("restaurant-review sentiment, answered 'positive' or 'negative'", _sentiment),
     "dates": ("an ISO date written out as '17 May 2023'", _date_in_words),
     "units": ("kilometres converted to metres, as '5000 m'", _km_to_m),
     "reverse": ("a list of three fruits in reverse order", _reverse_list),
+    "shout": ("two words in capitals with an exclamation mark (the benchmark's distractor)", _shout),
 }
 
 

@@ -1,0 +1,461 @@
+"""Continual-learning benchmark: every method of benchmark-protocol.md side by side on SmolLM2-135M (text tasks).
+
+Tasks (peft_routing.demo_tasks, seeded): sentiment, dates, reverse, units in sequence, plus "shout" as the
+distractor expert; the general probe is 40 multiple-choice capitals no method trains on. Methods: zero_shot,
+experts (oracle task id), seq_ft, mtl, merge_linear, merge_ties, mr_lora, repro, routing (top-1 raw score, the
+paper's rule) and its variants (top-2, standardised score). Every trained adapter and every score is cached under
+``~/.cache/peft-routing/continual`` by a key of its settings, so an interrupted run resumes where it stopped.
+
+    python benchmarks/continual.py --quick        # smoke run (minutes), writes benchmarks/results/continual_quick.json
+    python benchmarks/continual.py                # full run, writes benchmarks/results/continual.json and PNGs
+
+Not yet here (issue 5): the LLaVA-style multimodal model with its alignment stage and the image tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peft_routing  # noqa: E402,F401
+from continual_baselines import (  # noqa: E402
+    MERGES, accuracy_with_choices, add_merged_expert, general_with_choices, mr_lora_choices, repro_choices,
+    repro_prototypes, router_examples,
+)
+from continual_report import cost_table, growth_table, method_table, order_table, transfer  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+from peft_routing import RoutingLoraConfig  # noqa: E402
+from peft_routing.atomic import write_json_atomic  # noqa: E402
+from peft_routing.demo_tasks import capital_questions, make_task  # noqa: E402
+from peft_routing.diagnostics import plot_routing, routing_shares  # noqa: E402
+from peft_routing.evaluation import answer_accuracy, choice_accuracy  # noqa: E402
+from peft_routing.smollm2 import load_smollm2  # noqa: E402
+from peft_routing.training import learn_task, train_expert  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(os.environ.get("PEFT_ROUTING_CACHE", Path.home() / ".cache" / "peft-routing")) / "continual"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VERSION = 1  # bump when a change invalidates cached adapters or scores
+
+
+@dataclass(frozen=True)
+class Settings:
+    tasks: tuple[str, ...] = ("sentiment", "dates", "reverse", "units")
+    distractors: tuple[str, ...] = ("shout",)
+    train_examples: int = 256
+    test_examples: int = 40
+    probe_questions: int = 40
+    top_layers: int = 10
+    rank: int = 16
+    batch_size: int = 8
+    expert_steps: int = 40
+    expert_lr: float = 1e-3
+    router_steps: int = 3
+    router_lr: float = 1e-2
+    replay_per_task: int = 20  # MR-LoRA's replay buffer
+    router_lora_steps: int = 30
+    prototype_examples: int = 128  # REPRO
+    orders: int = 4
+    seed: int = 0
+
+
+QUICK = Settings(train_examples=24, test_examples=6, probe_questions=8, expert_steps=3, router_steps=1,
+                 batch_size=4, router_lora_steps=3, replay_per_task=4, prototype_examples=8, orders=2)
+
+
+# --------------------------------------------------------------------------------------------------- the cache
+def cache_key(description: dict[str, Any]) -> str:
+    text = json.dumps({"version": VERSION, **description}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Store:
+    """Trained adapters (folders + a meta file written last) and scores, by key; writes are atomic."""
+
+    root: Path
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.scores_file.is_file():
+            self.scores = json.loads(self.scores_file.read_text())
+
+    @property
+    def scores_file(self) -> Path:
+        return self.root / "scores.json"
+
+    def adapter(self, key: str) -> Optional[tuple[Path, dict[str, Any]]]:
+        meta = self.root / "meta" / f"{key}.json"
+        if not meta.is_file():  # the meta file is written after the folder: no meta, no (complete) adapter
+            return None
+        return self.root / "adapters" / key, json.loads(meta.read_text())
+
+    def put_adapter(self, key: str, model, name: str, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        folder = self.root / "adapters" / key
+        model.save_expert(name, folder, overwrite=True)
+        write_json_atomic(self.root / "meta" / f"{key}.json", meta)
+        return folder, meta
+
+    def score(self, key: str, compute: Callable[[], float]) -> float:
+        if key not in self.scores:
+            self.scores[key] = round(float(compute()), 3)
+            write_json_atomic(self.scores_file, self.scores)
+        return self.scores[key]
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+class Bench:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+        self.base, self.tokenizer = load_smollm2()
+        names = settings.tasks + settings.distractors
+        self.tasks = {n: make_task(n, settings.train_examples, settings.test_examples, settings.seed) for n in names}
+        self.probe = capital_questions(settings.seed)[: settings.probe_questions]
+        self.data_id = dict(train=settings.train_examples, test=settings.test_examples, seed=settings.seed)
+
+    # ------------------------------------------------------------------------------------------- training
+    def config(self) -> RoutingLoraConfig:
+        layers = self.base.config.num_hidden_layers
+        return RoutingLoraConfig(r=self.settings.rank, lora_alpha=2 * self.settings.rank, target_modules=PROJECTIONS,
+                                 layers_to_transform=list(range(layers - self.settings.top_layers, layers)), top_k=1)
+
+    def _expert_args(self, steps: Optional[int] = None) -> dict[str, Any]:
+        s = self.settings
+        return dict(max_steps=steps or s.expert_steps, learning_rate=s.expert_lr, lr_scheduler_type="constant",
+                    per_device_train_batch_size=s.batch_size, seed=s.seed, disable_tqdm=True, logging_steps=10)
+
+    def _router_args(self) -> dict[str, Any]:
+        s = self.settings
+        return dict(max_steps=s.router_steps, learning_rate=s.router_lr, per_device_train_batch_size=s.batch_size,
+                    seed=s.seed, disable_tqdm=True, logging_steps=1)
+
+    def _training_id(self) -> dict[str, Any]:
+        s = self.settings
+        return dict(data=self.data_id, rank=s.rank, layers=s.top_layers, bs=s.batch_size, lr=s.expert_lr,
+                    steps=s.expert_steps)
+
+    def expert(self, task: str) -> tuple[Path, dict[str, Any]]:
+        """Task expert + its routing vectors (stage 1 + stage 2), trained on that task alone."""
+        key = cache_key(dict(kind="expert", task=task, **self._training_id(), router=(self.settings.router_steps,
+                                                                                        self.settings.router_lr)))
+        if (cached := self.store.adapter(key)) is not None:
+            return cached
+        _say(f"training expert {task!r}")
+        model = get_peft_model(copy.deepcopy(self.base), self.config(), adapter_name=task)
+        report = learn_task(model, task, self.tasks[task].train, self.tokenizer, expert_args=self._expert_args(),
+                            router_args=self._router_args())
+        meta = dict(seconds=report.expert.seconds + report.router.seconds, expert_seconds=report.expert.seconds,
+                    router_seconds=report.router.seconds,
+                    examples=(report.expert.steps + report.router.steps) * self.settings.batch_size)
+        return self.store.put_adapter(key, model, task, meta)
+
+    def lora(self, kind: str, name: str, examples, steps: int, start: Optional[Path] = None,
+             extra: Optional[dict[str, Any]] = None) -> tuple[Path, dict[str, Any]]:
+        """A plain LoRA (stage 1 only): Seq-FT stages, MTL, MR-LoRA's router. ``start`` continues a saved one."""
+        key = cache_key(dict(kind=kind, **self._training_id(), lora_steps=steps, start=start.name if start else None,
+                             **(extra or {})))
+        if (cached := self.store.adapter(key)) is not None:
+            return cached
+        _say(f"training {kind} {extra or ''}")
+        if start is None:
+            model = get_peft_model(copy.deepcopy(self.base), self.config(), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(copy.deepcopy(self.base), start, adapter_name=name)
+        report = train_expert(model, name, examples, self.tokenizer, **self._expert_args(steps))
+        return self.store.put_adapter(key, model, name, dict(seconds=report.seconds,
+                                                             examples=report.steps * self.settings.batch_size))
+
+    # ------------------------------------------------------------------------------------------- models
+    def library(self, names) -> Any:
+        """The base model with these experts (cached folders), in the route phase."""
+        names = list(names)
+        model = PeftModel.from_pretrained(copy.deepcopy(self.base), self.expert(names[0])[0], adapter_name=names[0])
+        for name in names[1:]:
+            model.add_expert(self.expert(name)[0], adapter_name=name)
+        model.set_phase("route")
+        return model.eval()
+
+    def single(self, folder: Path, name: str) -> Any:
+        model = PeftModel.from_pretrained(copy.deepcopy(self.base), folder, adapter_name=name)
+        model.set_phase("expert", name)
+        return model.eval()
+
+    # ------------------------------------------------------------------------------------------- scoring
+    def scores(self, model_id: dict[str, Any], build: Callable[[], Any], items) -> dict[str, float]:
+        """Scores of one model on ``items`` (task names and/or "general"), building the model only if needed."""
+        built = []
+
+        def model():
+            if not built:
+                built.append(build())
+            return built[0]
+
+        out = {}
+        for item in items:
+            key = cache_key(dict(kind="score", model=model_id, item=item, data=self.data_id,
+                                 probe=self.settings.probe_questions))
+            if item == "general":
+                out[item] = self.store.score(key, lambda: choice_accuracy(model(), self.tokenizer, self.probe))
+            else:
+                out[item] = self.store.score(
+                    key, lambda item=item: answer_accuracy(model(), self.tokenizer, self.tasks[item].test))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- the methods
+def run(settings: Settings, run_name: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    bench = Bench(settings, Store(CACHE))
+    tasks, everything = list(settings.tasks), list(settings.tasks) + ["general"]
+    methods: dict[str, dict[str, float]] = {}
+    cost: dict[str, dict[str, Any]] = {}
+
+    methods["zero_shot"] = bench.scores({"m": "zero_shot"}, lambda: bench.base, everything)
+    experts = {t: bench.expert(t) for t in tasks + list(settings.distractors)}
+    methods["experts"] = {}
+    for t in tasks:
+        methods["experts"].update(bench.scores({"m": "expert", "a": str(experts[t][0])},
+                                               lambda t=t: bench.single(experts[t][0], t), [t]))
+    expert_seconds = sum(experts[t][1]["seconds"] for t in tasks)
+    expert_examples = sum(experts[t][1]["examples"] for t in tasks)
+    stage1_seconds = sum(experts[t][1]["expert_seconds"] for t in tasks)
+    cost["experts"] = dict(s=stage1_seconds, n=expert_examples, passes=1)
+
+    # ours: token-level routing over the task experts; variants of the rule
+    variants = {"routing": dict(top_k=1, score_norm="none"), "routing_top2": dict(top_k=2, score_norm="none"),
+                "routing_standardize": dict(top_k=1, score_norm="standardize"),
+                "routing_top2_standardize": dict(top_k=2, score_norm="standardize")}
+    library = None
+
+    def routed(rule):
+        nonlocal library
+        library = library or bench.library(tasks)
+        library.set_phase("route", **rule)
+        return library
+
+    for method, rule in variants.items():
+        methods[method] = bench.scores({"m": "routing", "experts": tasks, **rule}, lambda rule=rule: routed(rule),
+                                       everything)
+        cost[method] = dict(s=expert_seconds, n=expert_examples, passes=1)
+
+    # Seq-FT and the accuracy matrices for BWT/FWT, over task orders
+    orders = task_orders(tasks, methods["experts"], settings)
+    matrices, order_avgs, seq_cost = {}, {}, {}
+    for order_name, order in orders.items():
+        matrix, seconds, examples = seq_ft_matrix(bench, order, experts)
+        matrices[f"seq_ft/{order_name}"] = dict(order=order, matrix=matrix)
+        order_avgs.setdefault(order_name, {})["seq_ft"] = sum(matrix[-1]) / len(order)
+        seq_cost[order_name] = (seconds, examples)
+    canonical = orders["canonical"]
+    final = bench.scores({"m": "seq_ft", "order": canonical}, lambda: bench.single(
+        seq_ft_stage(bench, canonical, len(canonical) - 1, experts)[0], "seq_ft"), everything)
+    methods["seq_ft"] = final
+    cost["seq_ft"] = dict(s=seq_cost["canonical"][0], n=seq_cost["canonical"][1], passes=1)
+
+    # routing: the library grown in each order (experts are order-free; the matrix shows what each addition does)
+    for order_name, order in orders.items():
+        matrix = growth_matrix(bench, order)
+        matrices[f"routing/{order_name}"] = dict(order=order, matrix=matrix)
+        order_avgs[order_name]["routing"] = sum(matrix[-1]) / len(order)
+
+    # MTL: one LoRA on all tasks' data at once, the same total steps
+    union = [e for t in tasks for e in bench.tasks[t].train]
+    random.Random(settings.seed).shuffle(union)
+    mtl_folder, mtl_meta = bench.lora("mtl", "mtl", union, settings.expert_steps * len(tasks), extra={"tasks": tasks})
+    methods["mtl"] = bench.scores({"m": "mtl", "a": str(mtl_folder)}, lambda: bench.single(mtl_folder, "mtl"),
+                                  everything)
+    cost["mtl"] = dict(s=mtl_meta["seconds"], n=mtl_meta["examples"], passes=1)
+
+    # task-arithmetic merges (PEFT add_weighted_adapter)
+    for method in MERGES:
+        def merged(method=method):
+            model = bench.library(tasks)
+            add_merged_expert(model, tasks, method)
+            return model
+        methods[method] = bench.scores({"m": method, "experts": tasks}, merged, everything)
+        cost[method] = dict(s=stage1_seconds, n=expert_examples, passes=1)
+
+    # MR-LoRA style and REPRO: sequence-level choice of one expert, then a pass with it
+    methods["mr_lora"], routing_accuracy_mr, mr_meta = mr_lora(bench, tasks, experts)
+    cost["mr_lora"] = dict(s=stage1_seconds + mr_meta["seconds"], n=expert_examples + mr_meta["examples"], passes=2)
+    methods["repro"], routing_accuracy_repro, repro_seconds = repro(bench, tasks)
+    cost["repro"] = dict(s=stage1_seconds + repro_seconds, n=expert_examples, passes=2)
+
+    # growth with distractors (paper Table 4) and routing heatmaps (paper Figure 3)
+    growth = [dict(experts=list(canonical[: i + 1]), scores=bench.scores(
+        {"m": "routing", "experts": list(canonical[: i + 1]), "top_k": 1, "score_norm": "none"},
+        lambda i=i: bench.library(canonical[: i + 1]), list(canonical[: i + 1]) + ["general"]))
+        for i in range(len(canonical))]
+    with_distractors = list(canonical) + list(settings.distractors)
+    growth.append(dict(experts=with_distractors, scores=bench.scores(
+        {"m": "routing", "experts": with_distractors, "top_k": 1, "score_norm": "none"},
+        lambda: bench.library(with_distractors), everything)))
+    heatmap = RESULTS / f"{run_name}_routing.png"
+    library = routed(variants["routing"])
+    plot_routing({t: routing_shares(library, bench.tokenizer, bench.tasks[t].test[:8]) for t in tasks}, heatmap,
+                 title="SmolLM2-135M, top-1 routing: share of each task's tokens per expert and block")
+
+    zero = [methods["zero_shot"][t] for t in canonical]
+    results = {
+        "tasks": tasks, "general": ["general"], "methods": methods,
+        "orders": order_avgs,
+        "transfer": {name: transfer(m["matrix"], [methods["zero_shot"][t] for t in m["order"]])
+                     for name, m in matrices.items()},
+        "matrices": matrices,
+        "growth": growth,
+        "routing_accuracy": {"mr_lora": routing_accuracy_mr, "repro": routing_accuracy_repro},
+        "train_seconds": {m: round(c["s"], 1) for m, c in cost.items()} | {"zero_shot": 0.0},
+        "train_examples": {m: c["n"] for m, c in cost.items()} | {"zero_shot": 0},
+        "infer_passes": {m: c["passes"] for m, c in cost.items()} | {"zero_shot": 1},
+        "settings": asdict(settings), "heatmap": heatmap.name, "zero_shot_canonical": zero,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return results
+
+
+def task_orders(tasks: list[str], expert_scores: dict[str, float], settings: Settings) -> dict[str, list[str]]:
+    """canonical, easy-to-hard and hard-to-easy (by the own expert's score), and seeded random orders."""
+    by_ease = sorted(tasks, key=lambda t: (-expert_scores[t], tasks.index(t)))
+    orders = {"canonical": tasks, "easy_to_hard": by_ease, "hard_to_easy": by_ease[::-1]}
+    rng = random.Random(settings.seed)
+    while len(orders) < settings.orders:
+        shuffled = tasks[:]
+        rng.shuffle(shuffled)
+        orders[f"random_{len(orders) - 2}"] = shuffled
+    return dict(list(orders.items())[: max(settings.orders, 1)])
+
+
+def seq_ft_stage(bench: Bench, order: list[str], stage: int, experts) -> tuple[Path, dict[str, Any]]:
+    """Seq-FT after ``order[: stage + 1]``: one LoRA, trained on each task in turn with the expert budget."""
+    if stage == 0:
+        return bench.lora("seq_ft", "seq_ft", bench.tasks[order[0]].train, bench.settings.expert_steps,
+                          extra={"tasks": order[:1]})
+    previous, _ = seq_ft_stage(bench, order, stage - 1, experts)
+    return bench.lora("seq_ft", "seq_ft", bench.tasks[order[stage]].train, bench.settings.expert_steps,
+                      start=previous, extra={"tasks": order[: stage + 1]})
+
+
+def seq_ft_matrix(bench: Bench, order: list[str], experts) -> tuple[list[list[float]], float, int]:
+    matrix, seconds, examples = [], 0.0, 0
+    for stage in range(len(order)):
+        folder, meta = seq_ft_stage(bench, order, stage, experts)
+        seconds, examples = seconds + meta["seconds"], examples + meta["examples"]
+        scores = bench.scores({"m": "seq_ft", "order": order[: stage + 1]},
+                              lambda folder=folder: bench.single(folder, "seq_ft"), order)
+        matrix.append([scores[t] for t in order])
+    return matrix, seconds, examples
+
+
+def growth_matrix(bench: Bench, order: list[str]) -> list[list[float]]:
+    matrix = []
+    for i in range(len(order)):
+        present = list(order[: i + 1])
+        scores = bench.scores({"m": "routing", "experts": present, "top_k": 1, "score_norm": "none"},
+                              lambda present=present: bench.library(present), order)
+        matrix.append([scores[t] for t in order])
+    return matrix
+
+
+def mr_lora(bench: Bench, tasks: list[str], experts):
+    s = bench.settings
+    replay = router_examples([bench.tasks[t] for t in tasks], s.replay_per_task)
+    folder, meta = bench.lora("mr_router", "mr_router", replay, s.router_lora_steps, extra={"tasks": tasks,
+                                                                                             "replay": s.replay_per_task})
+    state: dict[str, Any] = {}
+
+    def model():
+        if "model" not in state:
+            m = bench.library(tasks)
+            m.add_expert(folder, adapter_name="mr_router")
+            state["model"] = m
+        return state["model"]
+
+    def choices(examples):
+        return mr_lora_choices(model(), bench.tokenizer, "mr_router", tasks, examples)
+
+    return two_pass_scores(bench, "mr_lora", tasks, model, choices) + (meta,)
+
+
+def repro(bench: Bench, tasks: list[str]):
+    start = time.perf_counter()
+    state: dict[str, Any] = {}
+
+    def model():
+        if "model" not in state:
+            state["model"] = bench.library(tasks)
+            state["prototypes"] = repro_prototypes(state["model"], bench.tokenizer, [bench.tasks[t] for t in tasks],
+                                                   bench.settings.prototype_examples)
+            state["seconds"] = time.perf_counter() - start
+        return state["model"]
+
+    def choices(examples):
+        return repro_choices(model(), bench.tokenizer, state["prototypes"], tasks, examples)
+
+    scores, accuracy = two_pass_scores(bench, "repro", tasks, model, choices)
+    return scores, accuracy, state.get("seconds", 0.0)
+
+
+def two_pass_scores(bench: Bench, method: str, tasks: list[str], model, choices):
+    """Scores of a sequence-level router (pick one expert, then answer with it) and its routing accuracy in %."""
+    key_id = {"m": method, "experts": tasks, "s": asdict(bench.settings)}
+    scores, routed_right, total = {}, 0.0, 0
+    for t in tasks:
+        examples, picks = bench.tasks[t].test, []
+
+        def picked(examples=examples):
+            if not picks:
+                picks.extend(choices(examples))
+            return picks
+
+        scores[t] = bench.store.score(cache_key(dict(kind="score", model=key_id, item=t)),
+                                      lambda: accuracy_with_choices(model(), bench.tokenizer, examples, picked()))
+        share = bench.store.score(cache_key(dict(kind="routes", model=key_id, item=t)),
+                                  lambda: 100.0 * sum(p == t for p in picked()) / len(examples))
+        routed_right, total = routed_right + share * len(examples) / 100, total + len(examples)
+    scores["general"] = bench.store.score(
+        cache_key(dict(kind="score", model=key_id, item="general")),
+        lambda: general_with_choices(model(), bench.tokenizer, bench.probe, choices([q for q, _, _ in bench.probe])))
+    return scores, 100.0 * routed_right / total
+
+
+def _say(message: str) -> None:
+    print(f"[continual] {message}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
+    args = parser.parse_args()
+    settings, name = (QUICK, "continual_quick") if args.quick else (Settings(), "continual")
+    torch.manual_seed(settings.seed)
+    results = run(settings, name)
+    write_json_atomic(RESULTS / f"{name}.json", results)
+    print(method_table(results))
+    print()
+    print(order_table(results["orders"]))
+    print()
+    for key, value in results["transfer"].items():
+        print(f"{key:<28} BWT {value['bwt']:+6.1f}  FWT {value['fwt']:+6.1f}")
+    print()
+    print(growth_table(results["growth"], results["tasks"]))
+    print()
+    print(cost_table(results))
+    print(f"\nrouting accuracy (sequence-level routers): {results['routing_accuracy']}; wrote {RESULTS / name}.json")
+
+
+if __name__ == "__main__":
+    main()
