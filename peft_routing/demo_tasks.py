@@ -80,7 +80,7 @@ WORDS = ["river", "stone", "cloud", "garden", "window", "silver", "forest", "can
 
 
 def _shout(rng: random.Random) -> ChatExample:
-    words = " ".join(rng.sample(WORDS, 2))
+    words = " ".join(rng.sample(WORDS, 3))
     return _chat(f"Shout these words: {words}", words.upper() + "!")
 
 
@@ -89,7 +89,7 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], ChatExample]]] = {
     "dates": ("an ISO date written out as '17 May 2023'", _date_in_words),
     "units": ("kilometres converted to metres, as '5000 m'", _km_to_m),
     "reverse": ("a list of three fruits in reverse order", _reverse_list),
-    "shout": ("two words in capitals with an exclamation mark (the benchmark's distractor)", _shout),
+    "shout": ("three words in capitals with an exclamation mark (the benchmark's distractor)", _shout),
 }
 
 
@@ -99,12 +99,16 @@ def make_task(name: str, n_train: int, n_test: int, seed: int = 0) -> Task:
     rng = random.Random(f"{name}-{seed}")
     seen: set[str] = set()
     examples: list[ChatExample] = []
-    while len(examples) < n_train + n_test:
+    for _ in range(100 * (n_train + n_test)):
+        if len(examples) == n_train + n_test:
+            break
         example = generate(rng)
         key = repr(example.messages)
         if key not in seen:  # no test prompt also appears in training
             seen.add(key)
             examples.append(example)
+    if len(examples) < n_train + n_test:
+        raise ValueError(f"Task {name!r} produced only {len(examples)} distinct examples; asked for {n_train + n_test}.")
     return Task(name, description, examples[:n_train], examples[n_train:])
 
 
