@@ -18,7 +18,7 @@ import torch
 
 from peft_routing.collate import ChatCollator
 from peft_routing.data import ChatExample
-from peft_routing.evaluation import answer_accuracy, answer_token_logprobs, choice_accuracy
+from peft_routing.evaluation import answer_accuracy, choice_accuracy, option_scores
 
 MERGES = {"merge_linear": dict(combination_type="cat"), "merge_ties": dict(combination_type="ties_svd", density=0.5)}
 
@@ -43,20 +43,8 @@ def router_examples(tasks, per_task: int = 20) -> list[ChatExample]:
 def mr_lora_choices(model, tokenizer, router: str, names: Sequence[str], examples: Sequence[ChatExample]) -> list[str]:
     """First pass: the router adapter picks, for each example, the task name it finds most likely."""
     model.set_phase("expert", router)
-    picks = []
-    for example in examples:
-        scores = _option_scores(model, tokenizer, example, names)
-        picks.append(names[max(range(len(names)), key=scores.__getitem__)])
-    return picks
-
-
-def _option_scores(model, tokenizer, question: ChatExample, options: Sequence[str]) -> list[float]:
-    collator = ChatCollator(tokenizer, answer_logits_only=True)
-    candidates = [ChatExample(question.prompt_messages + [{"role": "assistant", "content": o}], question.images)
-                  for o in options]
-    lengths = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
-    results = answer_token_logprobs(model, collator, candidates)
-    return [float(lp[:n].sum()) for (lp, _), n in zip(results, lengths)]
+    scores = option_scores(model, tokenizer, [(example, names) for example in examples])
+    return [names[max(range(len(names)), key=row.__getitem__)] for row in scores]
 
 
 @torch.no_grad()
@@ -86,19 +74,19 @@ def repro_choices(model, tokenizer, prototypes: torch.Tensor, names: Sequence[st
 
 def accuracy_with_choices(model, tokenizer, examples: Sequence[ChatExample], choices: Sequence[str]) -> float:
     """Second pass: each example answered by the expert chosen for it; overall exact-match accuracy in %."""
-    correct = 0.0
-    for expert in sorted(set(choices)):
-        group = [e for e, c in zip(examples, choices) if c == expert]
-        model.set_phase("expert", expert)
-        correct += answer_accuracy(model, tokenizer, group) * len(group) / 100
-    return 100.0 * correct / len(examples)
+    return _scored_by_chosen_expert(model, examples, choices, lambda group: answer_accuracy(model, tokenizer, group))
 
 
 def general_with_choices(model, tokenizer, probe, choices: Sequence[str]) -> float:
     """The general probe answered question by question with the expert chosen for each."""
+    return _scored_by_chosen_expert(model, probe, choices, lambda group: choice_accuracy(model, tokenizer, group))
+
+
+def _scored_by_chosen_expert(model, items: Sequence, choices: Sequence[str], accuracy) -> float:
+    """Overall accuracy in % when each group of items sharing a chosen expert is scored with that expert."""
     correct = 0.0
     for expert in sorted(set(choices)):
-        group = [q for q, c in zip(probe, choices) if c == expert]
+        group = [item for item, choice in zip(items, choices) if choice == expert]
         model.set_phase("expert", expert)
-        correct += choice_accuracy(model, tokenizer, group) * len(group) / 100
-    return 100.0 * correct / len(probe)
+        correct += accuracy(group) * len(group) / 100
+    return 100.0 * correct / len(items)

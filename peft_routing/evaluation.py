@@ -42,26 +42,35 @@ def answer_accuracy(model, processor, examples: Sequence[ChatExample], *, batch_
     return 100.0 * correct / len(examples)
 
 
-def choice_accuracy(model, processor, questions: Sequence[tuple[ChatExample, Sequence[str], int]], *,
-                    batch_size: int = 16, progress: str | None = None) -> float:
-    """Accuracy in percent on (question, options, index of the right option): the likeliest option wins.
+def option_scores(model, processor, questions: Sequence[tuple[ChatExample, Sequence[str]]], *,
+                  batch_size: int = 16, progress: str | None = None) -> list[list[float]]:
+    """For each (question, options): the summed log-probability of each option's own tokens as the answer.
 
-    Options are compared by the summed log-probability of their own tokens given the question; the template's
-    end-of-turn tokens after the option are left out, so a model is not judged on how tersely it likes to answer.
+    The template's end-of-turn tokens after the option are left out, so a model is not judged on how tersely it
+    likes to answer.
     """
     collator = _collator(model, processor)
     option_tokens = lambda option: len(collator.tokenizer(option, add_special_tokens=False)["input_ids"])  # noqa: E731
     candidates = [
         (q_index, ChatExample(question.prompt_messages + [{"role": "assistant", "content": option}], question.images))
-        for q_index, (question, options, _) in enumerate(questions)
+        for q_index, (question, options) in enumerate(questions)
         for option in options
     ]
-    scores: dict[int, list[float]] = {}
+    scores: list[list[float]] = [[] for _ in questions]
     for chunk in _chunks(candidates, batch_size, progress):
         results = answer_token_logprobs(model, collator, [example for _, example in chunk])
         for (q_index, example), (logprobs, _) in zip(chunk, results):
-            scores.setdefault(q_index, []).append(float(logprobs[: option_tokens(example.answer)].sum()))
-    correct = sum(max(range(len(s)), key=s.__getitem__) == questions[q][2] for q, s in scores.items())
+            scores[q_index].append(float(logprobs[: option_tokens(example.answer)].sum()))
+    return scores
+
+
+def choice_accuracy(model, processor, questions: Sequence[tuple[ChatExample, Sequence[str], int]], *,
+                    batch_size: int = 16, progress: str | None = None) -> float:
+    """Accuracy in percent on (question, options, index of the right option): the likeliest option wins
+    (``option_scores``)."""
+    scores = option_scores(model, processor, [(q, options) for q, options, _ in questions], batch_size=batch_size,
+                           progress=progress)
+    correct = sum(max(range(len(s)), key=s.__getitem__) == right for s, (_, _, right) in zip(scores, questions))
     return 100.0 * correct / len(questions)
 
 
