@@ -61,6 +61,9 @@ class RoutingLoraModel(LoraModel):
     _routing_phase: str = "expert"
     _train_phase: Optional[bool] = None  # None: follow the active expert's inference_mode, as PEFT does
     _routing_settings: Optional[RoutingSettings] = None
+    # (phase, trained expert) whose requires_grad flags are in place; None after anything else may have changed them
+    _grads_applied: Optional[tuple] = None
+    _layer_cache: Optional[list] = None
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
@@ -164,10 +167,17 @@ class RoutingLoraModel(LoraModel):
         for layer in self._routing_layers():
             layer.routing_strategy = strategy
 
+    def set_adapter(self, *args, **kwargs):
+        """PEFT's set_adapter (which changes requires_grad flags behind our back)."""
+        self._grads_applied = None
+        return super().set_adapter(*args, **kwargs)
+
     def _apply_phase(self, library_changed: bool = False) -> None:
         """Push the phase to every layer and set requires_grad for exactly the parameters it trains.
 
-        The layers' stacked expert views are rebuilt only after a library change, not on a phase switch.
+        The layers' stacked expert views are rebuilt only after a library change, not on a phase switch, and the
+        requires_grad walk (O(layers x experts)) is skipped when the flags it would set are already in place, so that
+        switching route settings (top_k, ...) between forwards costs next to nothing.
         """
         phase, expert = self.phase
         settings = self.routing_settings
@@ -176,18 +186,27 @@ class RoutingLoraModel(LoraModel):
             train = expert is not None and not self.peft_config[expert].inference_mode
         if not train:
             expert = None
+        if library_changed:
+            self._layer_cache = self._grads_applied = None
+        grads = (phase, expert)
         for layer in self._routing_layers():
             layer.routing_phase, layer.routing_settings = phase, settings
             if library_changed:
                 layer.invalidate_expert_stack()
+            if grads == self._grads_applied:
+                continue
             for name in layer.lora_A:
                 train_lora = phase == "expert" and name == expert
                 layer.lora_A[name].requires_grad_(train_lora)
                 layer.lora_B[name].requires_grad_(train_lora)
                 layer.lora_route[name].requires_grad_(phase == "router" and name == expert)
+        self._grads_applied = grads
 
     def _routing_layers(self) -> list[RoutingLinear]:
-        return [m for m in self.model.modules() if isinstance(m, RoutingLinear)]
+        """The routed layers, cached until the library changes (walking every module grows with the library)."""
+        if self._layer_cache is None:
+            self._layer_cache = [m for m in self.model.modules() if isinstance(m, RoutingLinear)]
+        return self._layer_cache
 
     def _is_non_language_module(self, key: str) -> bool:
         """True for modules beside the language model inside its parent (vision tower, projector ...)."""

@@ -73,6 +73,38 @@ def test_each_phase_trains_only_its_parameters():
     assert _trainable(model) == set()
 
 
+def _expected_trainable(model, phase: str, expert=None) -> set[str]:
+    """Written out from the phase's definition, independently of how set_phase gets there."""
+    names = {n for n, _ in model.named_parameters()}
+    if phase == "expert":
+        return {n for n in names if f".{expert}." in n and (".lora_A." in n or ".lora_B." in n)}
+    if phase == "router":
+        return {n for n in names if n.endswith(f".lora_route.{expert}")}
+    return set()
+
+
+def test_flags_stay_right_when_set_phase_skips_its_walk():
+    """set_phase skips the requires_grad walk when nothing changed; PEFT calls and library changes force it."""
+    model = make_library("llama", n_experts=3, seed=0)
+    model.train()
+    steps = [("route", None), ("route", None), ("expert", "expert_0"), ("route", None), ("router", "expert_2"),
+             ("router", "expert_2"), ("route", None)]
+    for phase, expert in steps:
+        if phase == "route":
+            model.set_phase("route", top_k=2)
+        else:
+            model.set_phase(phase, expert)
+        assert _trainable(model) == _expected_trainable(model, phase, expert), (phase, expert)
+    model.base_model.set_adapter("expert_1")  # PEFT's own call marks expert_1 trainable behind set_phase's back
+    model.set_phase("route", top_k=1)
+    assert _trainable(model) == set()
+    model.add_adapter("expert_3", expert_config("llama"))  # a new adapter arrives trainable from PEFT
+    model.set_phase("route")
+    assert _trainable(model) == set()
+    model.set_phase("expert", "expert_3")
+    assert _trainable(model) == _expected_trainable(model, "expert", "expert_3")
+
+
 def test_router_phase_training_changes_only_the_routing_vectors():
     model = make_library("llama", n_experts=2, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
