@@ -7,6 +7,8 @@ Worth it while N*r is small, since every expert's shrink is computed for every t
 import triton
 import triton.language as tl
 
+from .dot import weight_dot
+
 
 @triton.jit
 def gated_shrink_kernel(
@@ -25,7 +27,7 @@ def gated_shrink_kernel(
         d_ok = ds < d_in
         x = tl.load(x_ptr + rows[:, None] * stride_xt + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         a = tl.load(a_ptr + cols[None, :] * d_in + ds[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        acc += weight_dot(x, a)
     experts = cols // r_max
     g = tl.load(gates_ptr + rows[:, None] * num_experts + experts[None, :], mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0)
@@ -49,7 +51,7 @@ def dense_expand_kernel(
         c_ok = cs < columns
         h = tl.load(h_ptr + rows[:, None] * columns + cs[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(b_ptr + cs[:, None] * d_out + outs[None, :], mask=c_ok[:, None] & out_ok[None, :], other=0.0)
-        acc += tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        acc += weight_dot(h, b)
     pointers = out_ptr + rows[:, None] * stride_ot + outs[None, :]
     ok = row_ok[:, None] & out_ok[None, :]
     previous = tl.load(pointers, mask=ok, other=0.0)

@@ -4,6 +4,7 @@ pairs of one token land in the same output row). The rank dimension is never spl
 import triton
 import triton.language as tl
 
+from .dot import weight_dot
 from .sorted_blocks import load_block
 
 
@@ -26,6 +27,6 @@ def expand_kernel(
                 other=0.0)
     b = tl.load(b_ptr + expert * stride_be + ranks[:, None] * stride_br + cols[None, :],
                 mask=(ranks[:, None] < r_max) & col_ok[None, :], other=0.0)
-    y = tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    y = weight_dot(h, b)
     tl.atomic_add(out_ptr + tokens[:, None] * stride_ot + cols[None, :], y.to(out_ptr.dtype.element_ty),
                   mask=valid[:, None] & col_ok[None, :])

@@ -9,6 +9,8 @@ launcher passes standardized tokens and vectors and scale = 1/sqrt(d).
 import triton
 import triton.language as tl
 
+from .dot import weight_dot
+
 
 @triton.jit
 def route_kernel(
@@ -30,7 +32,7 @@ def route_kernel(
         d_ok = ds < d_in
         x = tl.load(x_ptr + rows[:, None] * stride_xt + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptr + cols[None, :] * stride_vn + ds[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        scores += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        scores += weight_dot(x, v)
     scores = tl.where(col_ok[None, :], scores * scale, float("-inf"))
 
     slots = tl.arange(0, K_PAD)

@@ -7,6 +7,7 @@ padding sentinel and blocks past the used rows are skipped.
 import triton
 import triton.language as tl
 
+from .dot import weight_dot
 from .sorted_blocks import load_block
 
 
@@ -29,7 +30,7 @@ def shrink_kernel(
         x = tl.load(x_ptr + tokens[:, None] * stride_xt + ds[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
         a = tl.load(a_ptr + expert * stride_ae + ranks[None, :] * stride_ar + ds[:, None],
                     mask=(ranks[None, :] < r_max) & d_ok[:, None], other=0.0)
-        acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        acc += weight_dot(x, a)
     gate = tl.load(weights_ptr + tl.where(valid, pairs, 0), mask=valid, other=0.0) * tl.load(scales_ptr + expert)
     acc = acc * gate[:, None]
     tl.store(h_ptr + rows[:, None] * r_max + ranks[None, :], acc, mask=(ranks[None, :] < r_max))
