@@ -11,6 +11,7 @@ forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``ker
   * grouped: the same sorted pairs, contiguous per expert, through torch._grouped_mm (no padding).
   * gather  (a handful of pairs, e.g. decoding one token): only the chosen experts' A/B are read (a loop over
             views for up to FEW_PAIRS pairs, gathered copies and bmm beyond).
+  * torch: like auto, but never the Triton kernels (to compare the two on a GPU).
   * loop: the per-expert reference loop ``routing.routed_lora_delta``; every strategy equals it up to rounding.
 """
 
@@ -25,7 +26,7 @@ from .config import RoutingSettings
 from .expert_stack import ExpertStack
 from .routing import Routes, routed_lora_delta, select_experts, standardize
 
-STRATEGIES = ("auto", "dense", "padded", "grouped", "gather", "loop", "triton")
+STRATEGIES = ("auto", "torch", "dense", "padded", "grouped", "gather", "loop", "triton")
 # PEFT_ROUTING_BACKEND=torch keeps CUDA tensors on the PyTorch path; =triton sends every call to the kernels
 # (on CPU that needs TRITON_INTERPRET=1, for testing).
 BACKEND = os.environ.get("PEFT_ROUTING_BACKEND", "auto")
@@ -69,7 +70,7 @@ def routed_forward(
         strategy = "triton"
     if strategy == "triton":
         return _triton(tokens, stack, settings, out)
-    if strategy == "auto":
+    if strategy in ("auto", "torch"):
         strategy = choose_strategy(tokens.shape[0] * k, stack)
     if strategy == "dense":
         both = tokens @ stack.head.t()  # scores and every expert's shrink in one pass over the tokens

@@ -1,7 +1,9 @@
-"""Triton kernels vs the PyTorch reference, run in a child process under TRITON_INTERPRET=1.
+"""Triton kernels vs the PyTorch reference, run in a child process: under TRITON_INTERPRET=1 on CPU, or compiled on a
+GPU with KERNEL_DEVICE=cuda.
 
-An unmasked out-of-bounds load in the interpreter kills the whole process, so tests/test_kernels.py runs this file in
-a subprocess and turns a crash into a test failure. Usage: python tests/kernel_checks.py CHECK [MAX_EXAMPLES]
+An unmasked out-of-bounds load in the interpreter kills the whole process (on a GPU it may corrupt the context), so
+tests/test_kernels.py runs this file in a subprocess and turns a crash into a test failure.
+Usage: [KERNEL_DEVICE=cuda] python tests/kernel_checks.py CHECK [MAX_EXAMPLES]
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton and the kernels are imported
+DEVICE = os.environ.get("KERNEL_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton and the kernels are imported
 
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -23,6 +27,7 @@ from peft_routing.routed_lora import routed_forward  # noqa: E402
 from peft_routing.routing import route_scores, select_experts  # noqa: E402
 
 MAX_EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+SHIPPED_TALL_FROM = launch.TALL_FROM_TOKENS
 COMPARED = []  # cases that reached a comparison (a check that compares nothing must fail)
 
 
@@ -32,7 +37,11 @@ def _stack(n, r_max, d_in, d_out, seed, dtype):
     head[:n] *= 4  # spread the scores so that near-ties are rare
     b_t = torch.randn(n, r_max, d_out, generator=g) * 0.1
     scales = torch.rand(n, generator=g) + 0.5
-    return ExpertStack([f"e{i}" for i in range(n)], head.to(dtype), b_t.to(dtype), scales.to(dtype), r_max)
+    return ExpertStack([f"e{i}" for i in range(n)], *(t.to(DEVICE, dtype) for t in (head, b_t, scales)), r_max)
+
+
+def _randn(rows, cols, seed) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def _margin_ok(tokens, vectors, routing) -> bool:
@@ -43,9 +52,11 @@ def _margin_ok(tokens, vectors, routing) -> bool:
 
 shapes = dict(
     n=st.integers(1, 64), r_max=st.integers(4, 32), d_in=st.integers(1, 70), d_out=st.integers(1, 70),
-    tokens=st.sampled_from([1, 5, 33, 0]), top_k=st.integers(1, 4),
+    # 2500 tokens reach the tall tiles; only compiled on a GPU (the interpreter would take minutes)
+    tokens=st.sampled_from([1, 5, 33, 0] + ([2500] if DEVICE != "cpu" else [])), top_k=st.integers(1, 4),
     score_norm=st.sampled_from(["none", "standardize"]), mixing=st.sampled_from(["softmax", "sigmoid"]),
-    dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE != "cpu" else [])),
+    seed=st.integers(0, 10_000),
 )
 
 
@@ -54,59 +65,74 @@ shapes = dict(
 def check_route(n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed):
     stack = _stack(n, r_max, d_in, d_out, seed, torch.float32)
     routing = RoutingSettings(top_k=top_k, temperature=0.8, score_norm=score_norm, mixing=mixing)
-    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype).float()
+    x = _randn(tokens, d_in, seed).to(dtype).float()
     if not _margin_ok(x, stack.vectors, routing):
         return
-    ids, weights = launch.route(x, stack.vectors, top_k, 0.8, score_norm, mixing)
-    want = select_experts(route_scores(x, stack.vectors, score_norm), routing)
+    if DEVICE != "cpu" and dtype != torch.float32:  # half tokens and vectors: the kernel's tensor-core path
+        x, vectors = x.to(dtype), stack.vectors.to(dtype)
+        if not _margin_ok(x, vectors, routing):
+            return
+    else:
+        vectors = stack.vectors
+    ids, weights = launch.route(x, vectors, top_k, 0.8, score_norm, mixing)
+    want = select_experts(route_scores(x.float(), vectors.float(), score_norm), routing)
     assert torch.equal(ids, want.expert_ids), (ids, want.expert_ids)
     torch.testing.assert_close(weights, want.weights, atol=1e-5, rtol=1e-4)
     COMPARED.append(tokens)
 
 
-def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed):
+def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed, tall):
+    launch.TALL_FROM_TOKENS = 0 if tall else SHIPPED_TALL_FROM  # both tile sets, whatever the token count
     stack = _stack(n, r_max, d_in, d_out, seed, dtype)
     routing = RoutingSettings(top_k=top_k, temperature=0.8, score_norm=score_norm, mixing=mixing)
-    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x = _randn(tokens, d_in, seed).to(dtype)
     if not _margin_ok(x, stack.vectors, routing):
         return
-    base = torch.randn(tokens, d_out, generator=torch.Generator().manual_seed(seed + 1))
+    base = _randn(tokens, d_out, seed + 1)
     float_stack = ExpertStack(stack.names, stack.head.float(), stack.b_t.float(), stack.scales.float(), r_max)
     want, _ = routed_forward(x.float(), float_stack, routing, "loop", out=base.clone())
     got, _ = launch.triton_routed_forward(x.float(), float_stack, routing, base.clone(), dense=dense)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    if DEVICE != "cpu" and dtype != torch.float32:  # half inputs, weights and output (the interpreter is fp32-only)
+        got, _ = launch.triton_routed_forward(x, stack, routing, base.to(dtype), dense=dense)
+        tolerance = 2e-2 * (1 + want.abs().amax().item() if want.numel() else 1)
+        torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=2e-2)
     COMPARED.append(tokens)
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(**shapes)
+@given(**shapes, tall=st.booleans())
 def check_sorted(**case):
     _check_lora(False, **case)
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(**shapes)
+@given(**shapes, tall=st.booleans())
 def check_dense(**case):
     _check_lora(True, **case)
 
 
 def check_align():
-    for n, pairs in ((1, 0), (1, 7), (5, 40), (64, 130), (3, 1)):
-        ids = torch.randint(0, n, (pairs,), generator=torch.Generator().manual_seed(pairs))
-        sorted_pairs, block_expert, used = launch.align(ids.view(-1, 1), n)
+    for n, pairs in ((1, 0), (1, 7), (5, 40), (64, 130), (3, 1), (256, 700), (17, 1000)):
+        ids = torch.randint(0, n, (pairs,), generator=torch.Generator().manual_seed(pairs)).to(DEVICE)
+        block_m = launch.SMALL.m
+        sorted_pairs, block_expert, used = launch.align(ids.view(-1, 1), n, block_m)
         counts = torch.bincount(ids, minlength=n)
-        padded = (counts + launch.BLOCK_M - 1) // launch.BLOCK_M * launch.BLOCK_M
+        padded = (counts + block_m - 1) // block_m * block_m
         assert int(used) == int(padded.sum())
-        assert sorted_pairs.numel() >= pairs + n * (launch.BLOCK_M - 1)
+        assert sorted_pairs.numel() >= pairs + n * (block_m - 1)
         real = sorted_pairs[sorted_pairs < pairs]
         assert sorted(real.tolist()) == list(range(pairs))  # every pair exactly once
         for block, expert in enumerate(block_expert.tolist()):
-            rows = sorted_pairs[block * launch.BLOCK_M : (block + 1) * launch.BLOCK_M]
+            rows = sorted_pairs[block * block_m : (block + 1) * block_m]
             members = rows[rows < pairs]
             if expert < 0:
                 assert members.numel() == 0
             else:
                 assert bool((ids[members] == expert).all())
+        real_in_order = sorted_pairs[sorted_pairs < pairs]
+        assert torch.equal(ids[real_in_order], ids[real_in_order].sort(stable=True).values)  # grouped by expert
+        assert torch.equal(real_in_order, ids.sort(stable=True).indices)  # and stable within an expert
         COMPARED.append(pairs)
 
 
@@ -116,9 +142,9 @@ def check_model():
     from conftest import make_library, token_batch
 
     for n, top_k in ((3, 1), (6, 2), (40, 2)):
-        model = make_library("llama", n_experts=n, ranks=[4, 8], seed=n)
+        model = make_library("llama", n_experts=n, ranks=[4, 8], seed=n).to(DEVICE)
         model.set_phase("route", top_k=top_k)
-        ids = token_batch(2, 5, seed=n)
+        ids = token_batch(2, 5, seed=n).to(DEVICE)
         with torch.no_grad():
             model.set_routing_strategy("loop")
             want = model(input_ids=ids).logits
