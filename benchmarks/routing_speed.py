@@ -6,8 +6,12 @@ LM head does not dilute the ratios. Every timed system runs in the same loop, in
 repeat; a ratio is the median over repeats of (system time / base time of the same repeat), which cancels most of
 the machine's noise. Peak memory is the peak RSS of a fresh process that builds one system and runs one forward.
 
-    python benchmarks/routing_speed.py            # full run (~10 min on 2 cores), writes benchmarks/results/routing_speed.json
+    python benchmarks/routing_speed.py            # full run (~11 min on 2 cores) -> results/routing_speed.json
     python benchmarks/routing_speed.py --quick    # a smoke run on a smaller model
+    python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
+
+On a GPU, ``ours`` is the default dispatch (the Triton kernels) and ``ours_torch`` the PyTorch path on the same
+model; peak memory is torch.cuda.max_memory_allocated in this process instead of a child's RSS.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +56,17 @@ class Setup:
     peft_sizes: tuple = (8, 32)
     decode_experts: int = 64
     decode_tokens: int = 32
+    batch: int = 1  # sequences of `tokens` tokens per forward
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def place(self, module):
+        """Build on CPU in fp32, then move: PEFT would otherwise up-cast half adapters to fp32 when they are added."""
+        return module.to(self.device, self.torch_dtype)
 
 
 QUICK = Setup(hidden=256, intermediate=704, layers=2, tokens=128, reps=3, library_sizes=(1, 8, 64),
@@ -63,7 +78,7 @@ def base_model(setup: Setup) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=8192, hidden_size=setup.hidden, intermediate_size=setup.intermediate,
                          num_hidden_layers=setup.layers, num_attention_heads=setup.hidden // 64,
                          num_key_value_heads=setup.hidden // 64, max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
+    return setup.place(LlamaForCausalLM(config).eval())
 
 
 def _randomize(model, scale: float = 0.02) -> None:
@@ -112,21 +127,34 @@ def forward_fn(model, ids):
     def run():
         with torch.no_grad():
             model(input_ids=ids, logits_to_keep=1)
+        _synchronize(ids.device)
 
     return run
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_side_by_side(systems: dict, reps: int) -> dict[str, dict]:
-    """Median ratio to 'base' over repeats, each repeat running every system once in shuffled order."""
-    for fn in systems.values():
-        fn()  # warm-up
+    """Median ratio to 'base' over repeats, each repeat running every system once in shuffled order.
+
+    A system is a callable, or a (prepare, run) pair whose untimed ``prepare`` switches a shared model's settings.
+    """
+    systems = {name: fn if isinstance(fn, tuple) else (lambda: None, fn) for name, fn in systems.items()}
+    for prepare, run in systems.values():
+        prepare()
+        run()  # warm-up
     times = {name: [] for name in systems}
     order = list(systems)
     for _ in range(reps):
         random.shuffle(order)
         for name in order:
+            prepare, run = systems[name]
+            prepare()
             start = time.perf_counter()
-            systems[name]()
+            run()
             times[name].append(time.perf_counter() - start)
     return {
         name: {
@@ -138,64 +166,138 @@ def time_side_by_side(systems: dict, reps: int) -> dict[str, dict]:
 
 
 def build_system(name: str, setup: Setup):
-    base = base_model(setup)
+    base = base_model(replace(setup, device="cpu", dtype="float32"))
     kind, _, rest = name.partition(":")
     if kind == "base":
-        return base
+        return setup.place(base)
     n, _, k = rest.partition(",k=")
     n = int(n.removeprefix("N="))
     if kind == "peft_lora":
-        return peft_lora(base, setup, n)
+        return setup.place(peft_lora(base, setup, n))
     if kind == "peft_arrow":
-        return peft_arrow(base, setup, n, int(k))
-    return ours(base, setup, n, int(k))
+        return setup.place(peft_arrow(base, setup, n, int(k)))
+    return setup.place(ours(base, setup, n, int(k)))
+
+
+BUILT: dict = {}  # name -> model, so that decode and the GPU memory figures reuse the timed models
+CUDA_PEAK_MIB: dict = {}  # name -> peak allocated while building it and running one forward, minus what was there
+
+
+def built(name: str, setup: Setup):
+    if name not in BUILT:
+        if setup.device == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        BUILT[name] = build_system(name, setup)
+        if setup.device == "cuda":
+            forward_fn(BUILT[name], _token_ids(setup, setup.tokens, seed=0))()
+            CUDA_PEAK_MIB[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return BUILT[name]
 
 
 def whole_model(setup: Setup) -> dict:
     names = ["base", "peft_lora:N=1"]
     names += [f"peft_lora:N={n}" for n in setup.peft_sizes] + [f"peft_arrow:N={n},k=2" for n in setup.peft_sizes]
-    ids = torch.randint(0, 8192, (1, setup.tokens), generator=torch.Generator().manual_seed(0))
+    ids = _token_ids(setup, setup.tokens, seed=0)
     systems = {}
     for name in names:
-        systems[name] = forward_fn(build_system(name, setup), ids)
-    for n in setup.library_sizes:  # one model per library size; k is switched between the two timed closures
-        model = build_system(f"ours:N={n},k=2", setup)
+        systems[name] = forward_fn(built(name, setup), ids)
+    for n in setup.library_sizes:  # one model per library size; k and the strategy are switched per timed closure
+        model = built(f"ours:N={n},k=2", setup)
         for k in (1, 2):
-            systems[f"ours:N={n},k={k}"] = _with_top_k(model, k, ids)
-    return time_side_by_side(systems, setup.reps)
-
-
-def _with_top_k(model, k: int, ids):
-    run = forward_fn(model, ids)
-
-    def timed():
-        model.set_phase("route", top_k=k)
-        run()
-
+            for label, strategy in _our_strategies(setup):
+                systems[f"{label}:N={n},k={k}"] = _with_routing(model, k, strategy, forward_fn(model, ids))
+    if setup.device == "cuda":
+        systems.update(_graphed_systems(setup, ids))
+    timed = time_side_by_side(systems, setup.reps)
+    for name, row in timed.items():  # a replayed graph is compared with the replayed base graph (ratio of medians)
+        if name.startswith("graph:") and "graph:base" in timed:
+            row["ratio"] = row["ms"] / timed["graph:base"]["ms"]
     return timed
+
+
+def _graphed_systems(setup: Setup, ids: torch.Tensor) -> dict:
+    """CUDA-graph replays of base and of ours on the Triton path (no host syncs, so capturable): the launch-free
+    cost of the kernels, which eager mode hides behind Python and launch overhead at these small shapes."""
+    systems = {}
+    for name in ["base"] + [f"ours:N={n},k=2" for n in setup.library_sizes]:
+        model = built(name, setup)
+        if name != "base":
+            model.set_phase("route", top_k=2)
+            model.set_routing_strategy("triton")
+        try:
+            systems[f"graph:{name}"] = _graph_replay(model, ids)
+        except Exception as error:  # noqa: BLE001 - a capture failure is a finding to print, not a crash
+            print(f"CUDA graph capture failed for {name}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+    return systems
+
+
+def _graph_replay(model, ids: torch.Tensor):
+    static_ids = ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            model(input_ids=static_ids, logits_to_keep=1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        model(input_ids=static_ids, logits_to_keep=1)
+
+    def replay(inputs=static_ids):  # the graph reads the static input's memory: keep it alive with the closure
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return replay
+
+
+def _token_ids(setup: Setup, length: int, seed: int) -> torch.Tensor:
+    ids = torch.randint(0, 8192, (setup.batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(setup.device)
+
+
+def _our_strategies(setup: Setup) -> list[tuple[str, str]]:
+    """(label, strategy): the default dispatch, plus the PyTorch path on a GPU (where the default is Triton)."""
+    return [("ours", "auto")] + ([("ours_torch", "torch")] if setup.device == "cuda" else [])
+
+
+def _with_routing(model, k: int, strategy: str, run) -> tuple:
+    """(prepare, run): the switch of top_k and strategy on the shared model is not timed."""
+    def prepare():
+        model.set_phase("route", top_k=k)
+        model.set_routing_strategy(strategy)
+
+    return prepare, run
 
 
 def decode(setup: Setup) -> dict:
     """Per-token latency of greedy generation, batch 1, base vs ours (N experts, k=2), with the KV cache."""
-    prompt = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(1))
-    models = {"base": base_model(setup), f"ours:N={setup.decode_experts},k=2": ours(base_model(setup), setup,
-                                                                                   setup.decode_experts, 2)}
+    prompt = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(1)).to(setup.device)
+    n = setup.decode_experts
+    routed = built(f"ours:N={n},k=2", setup)
 
     def generate(model):
         def run():
             with torch.no_grad():
                 model.generate(input_ids=prompt, max_new_tokens=setup.decode_tokens,
                                min_new_tokens=setup.decode_tokens, do_sample=False, pad_token_id=0)
+            _synchronize(prompt.device)
         return run
 
-    timed = time_side_by_side({name: generate(m) for name, m in models.items()}, max(3, setup.reps // 2))
+    systems = {"base": generate(built("base", setup))}
+    for label, strategy in _our_strategies(setup):
+        systems[f"{label}:N={n},k=2"] = _with_routing(routed, 2, strategy, generate(routed))
+    timed = time_side_by_side(systems, max(3, setup.reps // 2))
     for row in timed.values():
         row["ms_per_token"] = row["ms"] / setup.decode_tokens
     return timed
 
 
 def peak_memory(setup: Setup, names: list[str], quick: bool) -> dict[str, float]:
-    """Peak RSS (MiB) of a fresh process that builds one system and runs one forward."""
+    """Peak RSS (MiB) of a fresh process that builds one system and runs one forward (on a GPU: peak allocated)."""
+    if setup.device == "cuda":
+        return {name: CUDA_PEAK_MIB[name] for name in names}
     peaks = {}
     for name in names:
         command = [sys.executable, __file__, "--memory-of", name] + (["--quick"] if quick else [])
@@ -207,8 +309,7 @@ def peak_memory(setup: Setup, names: list[str], quick: bool) -> dict[str, float]
 def _memory_child(name: str, setup: Setup) -> None:
     torch.set_num_threads(2)
     model = build_system(name, setup)
-    ids = torch.randint(0, 8192, (1, setup.tokens))
-    forward_fn(model, ids)()
+    forward_fn(model, _token_ids(setup, setup.tokens, seed=0))()
     print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
 
 
@@ -221,17 +322,19 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_bandwidth() -> float:
+def memory_bandwidth(device: str) -> float:
     """Bytes per second of a large copy (read + write), the machine's streaming bandwidth."""
-    source = torch.empty(64 * 2**20, dtype=torch.float32).normal_()
+    source = torch.empty(64 * 2**20, dtype=torch.float32, device=device).normal_()
     target = torch.empty_like(source)
-    seconds = min(_seconds(lambda: target.copy_(source)) for _ in range(5))
+    seconds = min(_seconds(lambda: target.copy_(source), source.device) for _ in range(5))
     return 2 * source.numel() * 4 / seconds
 
 
-def _seconds(fn) -> float:
+def _seconds(fn, device: torch.device) -> float:
+    _synchronize(device)
     start = time.perf_counter()
     fn()
+    _synchronize(device)
     return time.perf_counter() - start
 
 
@@ -242,31 +345,43 @@ def floor_ratio(setup: Setup, n: int, k: int, base_seconds: float, bandwidth: fl
     vectors and the A/B of every expert used (all of them once T*k >= N), one more read of the tokens and one
     read-modify-write of the output.
     """
-    d_in, d_out, r, tokens = setup.hidden, setup.intermediate, setup.rank, setup.tokens
+    d_in, d_out, r, tokens = setup.hidden, setup.intermediate, setup.rank, setup.tokens * setup.batch
+    itemsize = setup.torch_dtype.itemsize
     flop_rate = 2 * tokens * d_in * d_out / base_seconds
     extra_flops = 2 * tokens * (n * d_in + k * r * (d_in + d_out))
     used = min(n, tokens * k)
-    extra_bytes = 4 * (n * d_in + used * r * (d_in + d_out) + tokens * d_in + 2 * tokens * d_out)
+    extra_bytes = itemsize * (n * d_in + used * r * (d_in + d_out) + tokens * d_in + 2 * tokens * d_out)
     compute, memory = extra_flops / flop_rate, extra_bytes / bandwidth
     return {"floor": 1 + max(compute, memory) / base_seconds, "floor_compute": 1 + compute / base_seconds,
             "floor_memory": 1 + memory / base_seconds, "expert_bytes_vs_w0": used * r * (d_in + d_out) / (d_in * d_out)}
 
 
+LAYER_STRATEGIES = ("auto", "torch", "dense", "padded", "grouped", "loop")
+
+
+def _synced(tensor: torch.Tensor) -> torch.Tensor:
+    _synchronize(tensor.device)
+    return tensor
+
+
 def layer_micro(setup: Setup) -> list[dict]:
     """One d_in -> d_out layer, T tokens, k=2: each strategy vs the base matmul, next to the floor model."""
-    d_in, d_out, r, tokens, k = setup.hidden, setup.intermediate, setup.rank, setup.tokens, 2
-    weight = torch.randn(d_out, d_in) / d_in**0.5
-    x = torch.randn(tokens, d_in)
-    bandwidth = memory_bandwidth()
+    d_in, d_out, r, tokens, k = setup.hidden, setup.intermediate, setup.rank, setup.tokens * setup.batch, 2
+    place = dict(device=setup.device, dtype=setup.torch_dtype)
+    weight = (torch.randn(d_out, d_in) / d_in**0.5).to(**place)
+    x = torch.randn(tokens, d_in).to(**place)
+    bandwidth = memory_bandwidth(setup.device)
     rows = []
     for n in setup.library_sizes:
         g = torch.Generator().manual_seed(n)
-        stack = ExpertStack([f"e{i}" for i in range(n)], torch.randn(n + n * r, d_in, generator=g) / 32,
-                            torch.randn(n, r, d_out, generator=g) / 4, torch.full((n,), 2.0), r)
+        stack = ExpertStack([f"e{i}" for i in range(n)], (torch.randn(n + n * r, d_in, generator=g) / 32).to(**place),
+                            (torch.randn(n, r, d_out, generator=g) / 4).to(**place), torch.full((n,), 2.0).to(**place),
+                            r)
         routing = RoutingSettings(top_k=k)
-        systems = {"base": lambda: x @ weight.t()}
-        for strategy in ("auto", "dense", "padded", "grouped", "loop"):
-            systems[strategy] = lambda s=strategy: routed_forward(x, stack, routing, s, out=x @ weight.t())
+        systems = {"base": lambda: _synced(x @ weight.t())}
+        for strategy in LAYER_STRATEGIES + (("triton",) if setup.device == "cuda" else ()):
+            systems[strategy] = lambda s=strategy, e=stack: _synced(
+                routed_forward(x, e, routing, s, out=x @ weight.t())[0])
         timed = time_side_by_side(systems, setup.reps)
         floor = floor_ratio(setup, n, k, timed["base"]["ms"] / 1e3, bandwidth)
         rows.append({"N": n, **{s: timed[s]["ratio"] for s in systems if s != "base"},
@@ -279,48 +394,78 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=1, help="sequences per forward (the issue's setup is 1)")
+    parser.add_argument("--sizes", type=lambda text: tuple(int(n) for n in text.split(",")), default=None,
+                        help="library sizes N, comma-separated (default 1,8,64,256)")
+    parser.add_argument("--parts", default="layer,whole,decode", help="which parts to run, comma-separated")
     args = parser.parse_args()
-    setup = QUICK if args.quick else Setup()
+    setup = replace(QUICK if args.quick else Setup(), device=args.device, dtype=args.dtype, batch=args.batch)
+    if args.sizes:
+        setup = replace(setup, library_sizes=args.sizes)
     if args.memory_of:
         return _memory_child(args.memory_of, setup)
-    torch.set_num_threads(2)
+    if setup.device == "cpu":
+        torch.set_num_threads(2)
     started = time.time()
     result = {"setup": vars(setup), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device": "cpu"}
+              "device": _device_name(setup.device)}
     print(f"setup: {setup}", flush=True)
-    result["layer"] = layer_micro(setup)
-    _print_layer(result["layer"])
-    result["whole_model"] = whole_model(setup)
-    sizes = setup.library_sizes
-    memory_names = ["base", "peft_lora:N=1"] + [f"ours:N={n},k=2" for n in (sizes[1], sizes[-1])]
-    result["peak_rss_mib"] = peak_memory(setup, memory_names, args.quick)
-    result["expert_mib"] = _expert_mib(setup)
-    _print_whole(result)
-    result["decode"] = decode(setup)
-    _print_decode(result["decode"])
+    parts = args.parts.split(",")
+    if "layer" in parts:
+        result["layer"] = layer_micro(setup)
+        _print_layer(result["layer"])
+    if "whole" in parts:
+        result["whole_model"] = whole_model(setup)
+        sizes = setup.library_sizes
+        measured = (sizes[min(1, len(sizes) - 1)], sizes[-1])  # the second-smallest and the largest library
+        memory_names = ["base", "peft_lora:N=1"] + [f"ours:N={n},k=2" for n in measured]
+        result["peak_rss_mib"] = peak_memory(setup, memory_names, args.quick)
+        result["expert_mib"] = _expert_mib(setup)
+        _print_whole(result)
+    if "decode" in parts:
+        result["decode"] = decode(setup)
+        _print_decode(result["decode"])
     result["seconds"] = time.time() - started
-    out = args.out or RESULTS / ("routing_speed_quick.json" if args.quick else "routing_speed.json")
+    out = args.out or RESULTS / _result_name(setup, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out} ({result['seconds']:.0f} s)")
+
+
+def _result_name(setup: Setup, quick: bool) -> str:
+    """routing_speed.json for the issue's CPU setup; other devices, dtypes and batches get their own file."""
+    parts = ["routing_speed"] + (["quick"] if quick else [])
+    if setup.device != "cpu" or setup.dtype != "float32" or setup.batch != 1:
+        parts += [setup.device, setup.dtype, f"b{setup.batch}"]
+    return "_".join(parts) + ".json"
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import triton
+
+        return f"{torch.cuda.get_device_name()} (triton {triton.__version__})"
+    return "cpu"
 
 
 def _expert_mib(setup: Setup) -> float:
     """Bytes of one expert (A, B and routing vectors of all adapted modules), in MiB."""
     h, i, r = setup.hidden, setup.intermediate, setup.rank
     per_layer = 4 * (r * 2 * h + h) + 2 * (r * (h + i) + h) + (r * (i + h) + i)
-    return per_layer * setup.layers * 4 / 2**20
+    return per_layer * setup.layers * setup.torch_dtype.itemsize / 2**20
 
 
 def _print_layer(rows) -> None:
     print("\nlayer micro-benchmark, k=2 (cost / base layer) next to the floor model")
-    print(f"{'N':>5} {'auto':>6} {'dense':>6} {'padded':>7} {'grouped':>8} {'loop':>6} {'floor':>6} {'(compute':>9}"
-          f" {'memory)':>8} {'A/B bytes / W0':>15}")
+    strategies = [s for s in LAYER_STRATEGIES + ("triton",) if s in rows[0]]
+    print(f"{'N':>5} " + " ".join(f"{s:>7}" for s in strategies)
+          + f" {'floor':>6} {'(compute':>9} {'memory)':>8} {'A/B bytes / W0':>15}")
     for row in rows:
-        print(f"{row['N']:>5} {row['auto']:6.2f} {row['dense']:6.2f} {row['padded']:7.2f} {row['grouped']:8.2f} "
-              f"{row['loop']:6.2f} "
-              f"{row['floor']:6.2f} {row['floor_compute']:9.2f} {row['floor_memory']:8.2f} "
-              f"{row['expert_bytes_vs_w0']:15.2f}")
+        print(f"{row['N']:>5} " + " ".join(f"{row[s]:7.2f}" for s in strategies)
+              + f" {row['floor']:6.2f} {row['floor_compute']:9.2f} {row['floor_memory']:8.2f}"
+              f" {row['expert_bytes_vs_w0']:15.2f}")
 
 
 def _print_whole(result) -> None:
