@@ -63,7 +63,7 @@ class Settings:
     batch_size: int = 8
     expert_steps: int = 40
     expert_lr: float = 1e-3
-    router_steps: int = 3
+    router_steps: int = 30  # 3 in the first full run; 30 recovered dates (RESULTS.md, routing_diagnosis.py)
     router_lr: float = 1e-2
     replay_per_task: int = 20  # MR-LoRA's replay buffer
     router_lora_steps: int = 30
@@ -233,7 +233,8 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
     expert_seconds = sum(experts[t][1]["seconds"] for t in tasks)
     expert_examples = sum(experts[t][1]["examples"] for t in tasks)
     stage1_seconds = sum(experts[t][1]["expert_seconds"] for t in tasks)
-    cost["experts"] = dict(s=stage1_seconds, n=expert_examples, passes=1)
+    stage1_examples = len(tasks) * settings.expert_steps * settings.batch_size  # without the router stage
+    cost["experts"] = dict(s=stage1_seconds, n=stage1_examples, passes=1)
 
     # ours: token-level routing over the task experts; variants of the rule
     variants = {"routing": dict(top_k=1, score_norm="none"), "routing_top2": dict(top_k=2, score_norm="none"),
@@ -287,13 +288,14 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
             add_merged_expert(model, tasks, method)
             return model
         methods[method] = bench.scores({"m": method, "experts": tasks}, merged, everything)
-        cost[method] = dict(s=stage1_seconds, n=expert_examples, passes=1)
+        cost[method] = dict(s=stage1_seconds, n=stage1_examples, passes=1)
 
     # MR-LoRA style and REPRO: sequence-level choice of one expert, then a pass with it
     methods["mr_lora"], routing_accuracy_mr, mr_meta = mr_lora(bench, tasks, experts)
-    cost["mr_lora"] = dict(s=stage1_seconds + mr_meta["seconds"], n=expert_examples + mr_meta["examples"], passes=2)
+    cost["mr_lora"] = dict(s=stage1_seconds + mr_meta["seconds"], n=stage1_examples + mr_meta["examples"],
+                           passes=2)
     methods["repro"], routing_accuracy_repro, repro_seconds = repro(bench, tasks)
-    cost["repro"] = dict(s=stage1_seconds + repro_seconds, n=expert_examples, passes=2)
+    cost["repro"] = dict(s=stage1_seconds + repro_seconds, n=stage1_examples, passes=2)
 
     # growth with distractors (paper Table 4) and routing heatmaps (paper Figure 3)
     growth = [dict(experts=list(canonical[: i + 1]), scores=bench.scores(
