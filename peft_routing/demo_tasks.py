@@ -8,6 +8,7 @@ whether the base model's own knowledge survives learning the tasks.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -94,8 +95,13 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], ChatExample]]] = {
 
 
 def make_task(name: str, n_train: int, n_test: int, seed: int = 0) -> Task:
-    """The task ``name`` with disjoint, seeded train and test examples."""
-    description, generate = GENERATORS[name]
+    """The task ``name`` (text, or an image task of image_tasks.py) with disjoint, seeded train and test examples."""
+    from .image_tasks import IMAGE_GENERATORS
+
+    generators = {**GENERATORS, **IMAGE_GENERATORS}
+    if name not in generators:
+        raise ValueError(f"Unknown task {name!r}; the generated tasks are {sorted(generators)}.")
+    description, generate = generators[name]
     rng = random.Random(f"{name}-{seed}")
     seen: set[str] = set()
     examples: list[ChatExample] = []
@@ -103,7 +109,7 @@ def make_task(name: str, n_train: int, n_test: int, seed: int = 0) -> Task:
         if len(examples) == n_train + n_test:
             break
         example = generate(rng)
-        key = repr(example.messages)
+        key = repr(example.messages) + "".join(hashlib.sha1(image.tobytes()).hexdigest() for image in example.images)
         if key not in seen:  # no test prompt also appears in training
             seen.add(key)
             examples.append(example)
