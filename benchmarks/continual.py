@@ -1,15 +1,17 @@
-"""Continual-learning benchmark: every method of benchmark-protocol.md side by side on SmolLM2-135M (text tasks).
+"""Continual-learning benchmark: every method of benchmark-protocol.md side by side on SmolLM2-135M.
 
-Tasks (peft_routing.demo_tasks, seeded): sentiment, dates, reverse, units in sequence, plus "shout" as the
-distractor expert; the general probe is 40 multiple-choice capitals no method trains on. Methods: zero_shot,
+Text half (default): tasks sentiment, dates, reverse, units in sequence (peft_routing.demo_tasks, seeded), plus
+"shout" as the distractor expert; the general probe is 40 multiple-choice capitals no method trains on.
+Multimodal half (``--multimodal``): SmolLM2 inside a LLaVA whose vision side was aligned once and frozen
+(peft_routing.smollm2_llava); tasks color and count (images), count_text (text, related to count) and dates; probes:
+the capitals and the alignment stage's own skill (pick a scene's caption). Methods: zero_shot,
 experts (oracle task id), seq_ft, mtl, merge_linear, merge_ties, mr_lora, repro, routing (top-1 raw score, the
 paper's rule) and its variants (top-2, standardised score). Every trained adapter and every score is cached under
 ``~/.cache/peft-routing/continual`` by a key of its settings, so an interrupted run resumes where it stopped.
 
     python benchmarks/continual.py --quick        # smoke run (minutes), writes benchmarks/results/continual_quick.json
     python benchmarks/continual.py                # full run, writes benchmarks/results/continual.json and PNGs
-
-Not yet here (issue 5): the LLaVA-style multimodal model with its alignment stage and the image tasks.
+    python benchmarks/continual.py --multimodal   # the multimodal half -> results/continual_multimodal.json
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -42,7 +44,8 @@ from peft_routing.atomic import write_json_atomic  # noqa: E402
 from peft_routing.demo_tasks import capital_questions, make_task  # noqa: E402
 from peft_routing.diagnostics import plot_routing, routing_shares  # noqa: E402
 from peft_routing.evaluation import answer_accuracy, choice_accuracy  # noqa: E402
-from peft_routing.smollm2 import load_smollm2  # noqa: E402
+from peft_routing.base_models import load_base_model  # noqa: E402
+from peft_routing.image_tasks import caption_questions  # noqa: E402
 from peft_routing.training import learn_task, train_expert  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,10 +73,14 @@ class Settings:
     prototype_examples: int = 128  # REPRO
     orders: int = 4
     seed: int = 0
+    base: str = "smollm2"  # or "smollm2-llava" (base_models.load_base_model)
+    probes: tuple[str, ...] = ("general",)  # "general": capitals; "captions": the alignment stage's skill
 
 
 QUICK = Settings(train_examples=24, test_examples=6, probe_questions=8, expert_steps=3, router_steps=1,
                  batch_size=4, router_lora_steps=3, replay_per_task=4, prototype_examples=8, orders=2)
+MULTIMODAL_CHANGES = dict(tasks=("color", "count", "count_text", "dates"), base="smollm2-llava",
+                          probes=("general", "captions"))
 
 
 # --------------------------------------------------------------------------------------------------- the cache
@@ -121,17 +128,21 @@ class Store:
 class Bench:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings, self.store = settings, store
-        self.base, self.tokenizer = load_smollm2()
+        self.base, self.tokenizer = load_base_model(settings.base)
         names = settings.tasks + settings.distractors
         self.tasks = {n: make_task(n, settings.train_examples, settings.test_examples, settings.seed) for n in names}
-        self.probe = capital_questions(settings.seed)[: settings.probe_questions]
+        self.probes = {"general": capital_questions(settings.seed)[: settings.probe_questions],
+                       "captions": caption_questions(settings.seed, settings.probe_questions)}
         self.data_id = dict(train=settings.train_examples, test=settings.test_examples, seed=settings.seed)
+        if settings.base != "smollm2":  # the text half's cache keys stay as they were
+            self.data_id["base"] = settings.base
 
     # ------------------------------------------------------------------------------------------- training
     def config(self) -> RoutingLoraConfig:
-        layers = self.base.config.num_hidden_layers
+        layers = getattr(self.base.config, "text_config", self.base.config).num_hidden_layers
         return RoutingLoraConfig(r=self.settings.rank, lora_alpha=2 * self.settings.rank, target_modules=PROJECTIONS,
-                                 layers_to_transform=list(range(layers - self.settings.top_layers, layers)), top_k=1)
+                                 layers_to_transform=list(range(layers - self.settings.top_layers, layers)), top_k=1,
+                                 language_model_only=self.settings.base != "smollm2")
 
     def _expert_args(self, steps: Optional[int] = None) -> dict[str, Any]:
         s = self.settings
@@ -196,7 +207,7 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------- scoring
     def scores(self, model_id: dict[str, Any], build: Callable[[], Any], items) -> dict[str, float]:
-        """Scores of one model on ``items`` (task names and/or "general"), building the model only if needed."""
+        """Scores of one model on ``items`` (task names and/or probes), building the model only if needed."""
         built = []
 
         def model():
@@ -208,8 +219,9 @@ class Bench:
         for item in items:
             key = cache_key(dict(kind="score", model=model_id, item=item, data=self.data_id,
                                  probe=self.settings.probe_questions))
-            if item == "general":
-                out[item] = self.store.score(key, lambda: choice_accuracy(model(), self.tokenizer, self.probe))
+            if item in self.probes:
+                out[item] = self.store.score(
+                    key, lambda item=item: choice_accuracy(model(), self.tokenizer, self.probes[item]))
             else:
                 out[item] = self.store.score(
                     key, lambda item=item: answer_accuracy(model(), self.tokenizer, self.tasks[item].test))
@@ -220,7 +232,7 @@ class Bench:
 def run(settings: Settings, run_name: str) -> dict[str, Any]:
     start = time.perf_counter()
     bench = Bench(settings, Store(CACHE))
-    tasks, everything = list(settings.tasks), list(settings.tasks) + ["general"]
+    tasks, everything = list(settings.tasks), list(settings.tasks) + list(settings.probes)
     methods: dict[str, dict[str, float]] = {}
     cost: dict[str, dict[str, Any]] = {}
 
@@ -300,7 +312,7 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
     # growth with distractors (paper Table 4) and routing heatmaps (paper Figure 3)
     growth = [dict(experts=list(canonical[: i + 1]), scores=bench.scores(
         {"m": "routing", "experts": list(canonical[: i + 1]), "top_k": 1, "score_norm": "none"},
-        lambda i=i: bench.library(canonical[: i + 1]), list(canonical[: i + 1]) + ["general"]))
+        lambda i=i: bench.library(canonical[: i + 1]), list(canonical[: i + 1]) + list(settings.probes)))
         for i in range(len(canonical))]
     with_distractors = list(canonical) + list(settings.distractors)
     growth.append(dict(experts=with_distractors, scores=bench.scores(
@@ -309,11 +321,11 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
     heatmap = RESULTS / f"{run_name}_routing.png"
     library = routed(variants["routing"])
     plot_routing({t: routing_shares(library, bench.tokenizer, bench.tasks[t].test[:8]) for t in tasks}, heatmap,
-                 title="SmolLM2-135M, top-1 routing: share of each task's tokens per expert and block")
+                 title=f"{settings.base}, top-1 routing: share of each task's tokens per expert and block")
 
     zero = [methods["zero_shot"][t] for t in canonical]
     results = {
-        "tasks": tasks, "general": ["general"], "methods": methods,
+        "tasks": tasks, "general": list(settings.probes), "methods": methods,
         "orders": order_avgs,
         "transfer": {name: transfer(m["matrix"], [methods["zero_shot"][t] for t in m["order"]])
                      for name, m in matrices.items()},
@@ -428,9 +440,11 @@ def two_pass_scores(bench: Bench, method: str, tasks: list[str], model, choices)
         share = bench.store.score(cache_key(dict(kind="routes", model=key_id, item=t)),
                                   lambda: 100.0 * sum(p == t for p in picked()) / len(examples))
         routed_right, total = routed_right + share * len(examples) / 100, total + len(examples)
-    scores["general"] = bench.store.score(
-        cache_key(dict(kind="score", model=key_id, item="general")),
-        lambda: general_with_choices(model(), bench.tokenizer, bench.probe, choices([q for q, _, _ in bench.probe])))
+    for name in bench.settings.probes:
+        probe = bench.probes[name]
+        scores[name] = bench.store.score(
+            cache_key(dict(kind="score", model=key_id, item=name)),
+            lambda probe=probe: general_with_choices(model(), bench.tokenizer, probe, choices([q for q, _, _ in probe])))
     return scores, 100.0 * routed_right / total
 
 
@@ -441,8 +455,11 @@ def _say(message: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
+    parser.add_argument("--multimodal", action="store_true", help="the LLaVA-style half (image tasks)")
     args = parser.parse_args()
     settings, name = (QUICK, "continual_quick") if args.quick else (Settings(), "continual")
+    if args.multimodal:
+        settings, name = replace(settings, **MULTIMODAL_CHANGES), name.replace("continual", "continual_multimodal")
     torch.manual_seed(settings.seed)
     results = run(settings, name)
     write_json_atomic(RESULTS / f"{name}.json", results)
