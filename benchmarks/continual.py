@@ -131,8 +131,9 @@ class Bench:
         self.base, self.tokenizer = load_base_model(settings.base)
         names = settings.tasks + settings.distractors
         self.tasks = {n: make_task(n, settings.train_examples, settings.test_examples, settings.seed) for n in names}
-        self.probes = {"general": capital_questions(settings.seed)[: settings.probe_questions],
-                       "captions": caption_questions(settings.seed, settings.probe_questions)}
+        probes = {"general": lambda: capital_questions(settings.seed)[: settings.probe_questions],
+                  "captions": lambda: caption_questions(settings.seed, settings.probe_questions)}
+        self.probes = {name: probes[name]() for name in settings.probes}  # captions draw images: only if asked
         self.data_id = dict(train=settings.train_examples, test=settings.test_examples, seed=settings.seed)
         if settings.base != "smollm2":  # the text half's cache keys stay as they were
             self.data_id["base"] = settings.base
@@ -444,7 +445,8 @@ def two_pass_scores(bench: Bench, method: str, tasks: list[str], model, choices)
         probe = bench.probes[name]
         scores[name] = bench.store.score(
             cache_key(dict(kind="score", model=key_id, item=name)),
-            lambda probe=probe: general_with_choices(model(), bench.tokenizer, probe, choices([q for q, _, _ in probe])))
+            lambda probe=probe: general_with_choices(model(), bench.tokenizer, probe,
+                                                     choices([q for q, _, _ in probe])))
     return scores, 100.0 * routed_right / total
 
 

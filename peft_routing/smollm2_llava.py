@@ -27,8 +27,6 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    Trainer,
-    TrainingArguments,
 )
 
 from .collate import ChatCollator
@@ -42,14 +40,25 @@ CACHE_ROOT = Path(os.environ.get("PEFT_ROUTING_CACHE", Path.home() / ".cache" / 
 
 def chatml_template(default_system: str | None) -> str:
     """ChatML with image slots; ``default_system`` is added when a conversation has no system message."""
-    system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + default_system + "<|im_end|>\n{% endif %}"
-              if default_system else "")
+    system = ""
+    if default_system:
+        system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + default_system
+                  + "<|im_end|>\n{% endif %}")
     return (
         system + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}" + IMAGE_TOKEN + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+
+
+def llava_processor(tokenizer, image_size: int, patch: int, template: str) -> LlavaProcessor:
+    """A LLaVA processor: CLIP image preprocessing at ``image_size``, one ``<image>`` slot per vision patch."""
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template, image_token=IMAGE_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -78,11 +87,7 @@ def llava_from_text_model(text_model, tokenizer, vision: VisionSettings = Vision
     model.model.language_model.load_state_dict(text_model.model.state_dict())
     model.lm_head.load_state_dict(text_model.lm_head.state_dict())
     template = chatml_template(default_system)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=template, image_token=IMAGE_TOKEN)
+    processor = llava_processor(tokenizer, IMAGE_SIZE, PATCH, template)
     tokenizer.chat_template = template
     return model.eval(), processor
 
@@ -103,6 +108,8 @@ class AlignmentSettings:
 
 def align_vision(model, processor, settings: AlignmentSettings = AlignmentSettings()) -> dict:
     """LLaVA stage 1: train vision tower + projector to caption scenes, the language model frozen."""
+    from transformers import Trainer, TrainingArguments
+
     trained = vision_parameters(model)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trained)
@@ -144,8 +151,9 @@ def load_smollm2_llava(settings: AlignmentSettings = AlignmentSettings()):
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    missing = set(vision_parameters(model)) - set(load_file(str(folder / "vision.safetensors")))
+    weights = load_file(str(folder / "vision.safetensors"))
+    missing = set(vision_parameters(model)) - set(weights)
     if missing:
         raise RuntimeError(f"The cached vision weights in {folder} lack {sorted(missing)[:3]}; delete the folder.")
-    model.load_state_dict(load_file(str(folder / "vision.safetensors")), strict=False)
+    model.load_state_dict(weights, strict=False)
     return model.eval(), processor

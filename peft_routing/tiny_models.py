@@ -9,17 +9,14 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
+from .smollm2_llava import chatml_template, llava_processor
+
 _CHAT_TEXT = dict(
     vocab_size=112, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     initializer_range=0.2,  # an untrained LM head with the usual 0.02 caps every logit near 0: nothing could be learnt
 )
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = chatml_template(default_system=None)
 CHAT_SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 
@@ -48,8 +45,6 @@ def tiny_chat_llama(seed: int = 0) -> torch.nn.Module:
 
 def tiny_chat_llava(seed: int = 0):
     """A tiny LLaVA with a processor (CLIP image processor + the character tokenizer): (model, processor)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
     torch.manual_seed(seed)
     tokenizer = tiny_chat_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
@@ -58,8 +53,4 @@ def tiny_chat_llava(seed: int = 0):
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
                                                       image_token_index=image_token)).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE, image_token="<image>")
-    return model, processor
+    return model, llava_processor(tokenizer, image_size=16, patch=8, template=CHAT_TEMPLATE)
