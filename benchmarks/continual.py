@@ -207,6 +207,13 @@ class Bench:
         return model.eval()
 
     # ------------------------------------------------------------------------------------------- scoring
+    def routing_id(self, experts, top_k: int = 1, score_norm: str = "none") -> dict[str, Any]:
+        """The score-cache identity of a routed library: its experts, the rule and how the routers were trained
+        (without the router settings a re-run with longer router training would read the old scores)."""
+        s = self.settings
+        return {"m": "routing", "experts": list(experts), "top_k": top_k, "score_norm": score_norm,
+                "router": [s.router_steps, s.router_lr]}
+
     def scores(self, model_id: dict[str, Any], build: Callable[[], Any], items) -> dict[str, float]:
         """Scores of one model on ``items`` (task names and/or probes), building the model only if needed."""
         built = []
@@ -262,7 +269,7 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
         return library
 
     for method, rule in variants.items():
-        methods[method] = bench.scores({"m": "routing", "experts": tasks, **rule}, lambda rule=rule: routed(rule),
+        methods[method] = bench.scores(bench.routing_id(tasks, **rule), lambda rule=rule: routed(rule),
                                        everything)
         cost[method] = dict(s=expert_seconds, n=expert_examples, passes=1)
 
@@ -312,12 +319,12 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
 
     # growth with distractors (paper Table 4) and routing heatmaps (paper Figure 3)
     growth = [dict(experts=list(canonical[: i + 1]), scores=bench.scores(
-        {"m": "routing", "experts": list(canonical[: i + 1]), "top_k": 1, "score_norm": "none"},
+        bench.routing_id(canonical[: i + 1]),
         lambda i=i: bench.library(canonical[: i + 1]), list(canonical[: i + 1]) + list(settings.probes)))
         for i in range(len(canonical))]
     with_distractors = list(canonical) + list(settings.distractors)
     growth.append(dict(experts=with_distractors, scores=bench.scores(
-        {"m": "routing", "experts": with_distractors, "top_k": 1, "score_norm": "none"},
+        bench.routing_id(with_distractors),
         lambda: bench.library(with_distractors), everything)))
     heatmap = RESULTS / f"{run_name}_routing.png"
     library = routed(variants["routing"])
@@ -379,7 +386,7 @@ def growth_matrix(bench: Bench, order: list[str]) -> list[list[float]]:
     matrix = []
     for i in range(len(order)):
         present = list(order[: i + 1])
-        scores = bench.scores({"m": "routing", "experts": present, "top_k": 1, "score_norm": "none"},
+        scores = bench.scores(bench.routing_id(present),
                               lambda present=present: bench.library(present), order)
         matrix.append([scores[t] for t in order])
     return matrix
