@@ -1,0 +1,224 @@
+"""Why token routing loses the image tasks of the multimodal half: which positions go wrong, and which fixes help.
+
+Uses the multimodal half's cached experts (run ``benchmarks/continual.py --multimodal`` first). A prompt holds
+three kinds of positions: the image's tokens (projected vision features), the question's text, and the positions
+that predict the answer. For each kind this measures how often top-1 routing picks the task's own expert, then
+scores the image tasks with the choice *forced* for one kind at a time (own expert, or no expert at all), which
+says where the loss comes from. Finally it scores the routing rules and router budgets the literature offers.
+
+    python benchmarks/multimodal_routing_diagnosis.py     # writes results/multimodal_routing_diagnosis.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from continual import CACHE, MULTIMODAL_CHANGES, QUICK, RESULTS, Bench, Settings, Store  # noqa: E402
+
+import peft_routing.routed_lora as routed_lora  # noqa: E402
+from peft_routing.collate import IGNORE_INDEX, ChatCollator  # noqa: E402
+from peft_routing.evaluation import _chunks, answer_accuracy  # noqa: E402
+from peft_routing.layer import RoutingLinear  # noqa: E402
+from peft_routing.routing import Routes  # noqa: E402
+from peft_routing.training import train_router  # noqa: E402
+
+KINDS = ("image", "question", "answer")
+OFF = -1  # a forced choice of "no expert": the base layer alone at these positions
+
+
+class PositionForcing:
+    """Overrides the top-1 choice at chosen kinds of positions of the current batch (a diagnostic patch).
+
+    ``kinds`` [B*T] labels every flattened position 0/1/2 (KINDS) or -2 for padding; ``forced`` maps a kind to
+    an expert index or OFF. Layers flatten [B, T, d] to [B*T, d], so the labels line up with their rows.
+    """
+
+    def __init__(self) -> None:
+        self.kinds: Optional[torch.Tensor] = None
+        self.forced: dict[int, int] = {}
+        self.original = routed_lora.select_experts
+
+    def select(self, scores: torch.Tensor, settings) -> Routes:
+        routes = self.original(scores, settings)
+        if self.kinds is None or not self.forced or self.kinds.numel() != scores.shape[0]:
+            return routes  # a decode step or an unlabelled batch: routed as usual
+        ids, weights = routes.expert_ids.clone(), routes.weights.clone()
+        for kind, expert in self.forced.items():
+            rows = self.kinds == kind
+            ids[rows, 0] = max(expert, 0)
+            weights[rows] = 0.0
+            weights[rows, 0] = 0.0 if expert == OFF else 1.0
+        return Routes(ids, weights)
+
+    @contextlib.contextmanager
+    def active(self):
+        routed_lora.select_experts = self.select
+        try:
+            yield self
+        finally:
+            routed_lora.select_experts = self.original
+
+
+class ArrowScores:
+    """Arrow's training-free scores (Ostapenko et al., 2024): |p_j . u| with p_j the top right singular vector of
+    expert j's B A in this layer. Patched in where the standardised scores are computed (a diagnostic switch)."""
+
+    def __init__(self) -> None:
+        self.prototypes: dict[int, torch.Tensor] = {}
+        self.original = routed_lora._standardized_scores
+
+    def scores(self, tokens: torch.Tensor, stack) -> torch.Tensor:
+        if id(stack) not in self.prototypes:
+            rows = []
+            for j in range(stack.num_experts):
+                q, r = torch.linalg.qr(stack.b_t[j].t().float())  # B = Q R, so B A = Q (R A): same right vectors
+                rows.append(torch.linalg.svd(r @ stack.a[j].float(), full_matrices=False).Vh[0])
+            self.prototypes[id(stack)] = torch.stack(rows).to(tokens.dtype)
+        return (tokens @ self.prototypes[id(stack)].t()).abs()
+
+    @contextlib.contextmanager
+    def active(self):
+        routed_lora._standardized_scores = self.scores
+        try:
+            yield self
+        finally:
+            routed_lora._standardized_scores = self.original
+
+
+def position_kinds(batch: dict[str, torch.Tensor], labels: torch.Tensor, image_token: int) -> torch.Tensor:
+    """0 image, 1 question text, 2 predicts an answer token, -2 padding; flattened [B*T]."""
+    ids = batch["input_ids"]
+    kinds = torch.full_like(ids, 1)
+    kinds[ids == image_token] = 0
+    width = ids.shape[1]
+    answer = labels[:, 1:] if labels.shape[1] == width else labels  # labels may keep only the last columns
+    predicts = torch.zeros_like(ids, dtype=torch.bool)
+    predicts[:, width - 1 - answer.shape[1]:width - 1] = answer != IGNORE_INDEX  # position p predicts p + 1
+    kinds[predicts] = 2
+    kinds[batch["attention_mask"] == 0] = -2
+    return kinds.reshape(-1)
+
+
+@torch.no_grad()
+def forced_accuracy(model, tokenizer, examples, forcing: PositionForcing, image_token: int,
+                    forced: dict[int, int]) -> float:
+    """Teacher-forced exact match (as evaluation.answer_accuracy) with ``forced`` choices at some position kinds."""
+    collator = ChatCollator(tokenizer)
+    correct = 0
+    forcing.forced = forced
+    for chunk in _chunks(examples, 16, None):
+        batch = collator(list(chunk))
+        labels = batch.pop("labels")
+        forcing.kinds = position_kinds(batch, labels, image_token)
+        logits = model(**batch).logits
+        hits = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == IGNORE_INDEX)
+        correct += int(hits.all(dim=1).sum())
+    forcing.kinds, forcing.forced = None, {}
+    return 100.0 * correct / len(examples)
+
+
+@torch.no_grad()
+def shares_by_kind(model, tokenizer, examples, image_token: int) -> dict[str, dict[str, float]]:
+    """Per kind of position: the share (%) of top-1 choices, over all routed modules, that went to each expert."""
+    collator = ChatCollator(tokenizer)
+    layers = [m for m in model.modules() if isinstance(m, RoutingLinear)]
+    experts = layers[0].expert_names
+    counts = torch.zeros(3, len(experts))
+    for example in examples:
+        batch = collator([example])
+        kinds = position_kinds(batch, batch.pop("labels"), image_token)
+        choices = []
+        for layer in layers:
+            layer.routing_observer = lambda layer, routes: choices.append(routes.expert_ids[:, 0])
+        try:
+            model(**batch)
+        finally:
+            for layer in layers:
+                layer.routing_observer = None
+        chosen = torch.stack(choices)  # [modules, T], every layer holds the experts in library order
+        for kind in range(3):
+            counts[kind] += torch.bincount(chosen[:, kinds == kind].reshape(-1), minlength=len(experts))
+    shares = 100.0 * counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    return {name: {e: round(float(shares[i, j]), 1) for j, e in enumerate(experts)}
+            for i, name in enumerate(KINDS) if counts[i].sum() > 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--router-steps", type=int, default=100, help="total router steps of the 'longer' variant")
+    parser.add_argument("--rules-only", action="store_true", help="skip the routing shares and forced choices")
+    parser.add_argument("--tasks", nargs="+", default=["color", "count"], help="image tasks to diagnose")
+    args = parser.parse_args()
+    settings = replace(QUICK if args.quick else Settings(), **MULTIMODAL_CHANGES)
+    bench = Bench(settings, Store(CACHE))
+    library_tasks = list(settings.tasks)
+    library = bench.library(library_tasks)
+    image_token = bench.base.config.image_token_index
+    forcing = PositionForcing()
+    result: dict = {"library": library_tasks, "shares": {}, "forced": {}}
+    for rule_name, rule in {} if args.rules_only else {"raw": dict(top_k=1, score_norm="none"),
+                                                      "standardize": dict(top_k=1, score_norm="standardize")}.items():
+        library.set_phase("route", **rule)
+        for t in library_tasks:
+            shares = shares_by_kind(library, bench.tokenizer, bench.tasks[t].test[:10], image_token)
+            result["shares"][f"{rule_name}/{t}"] = shares
+            for kind, by_expert in shares.items():
+                print(f"top-1 shares, {rule_name:<11} data {t:<10} {kind:<8} "
+                      + " ".join(f"{e} {v:5.1f}" for e, v in by_expert.items()), flush=True)
+    library.set_phase("route", top_k=1, score_norm="none")
+    variants = {"routed": {}, "own expert everywhere": {0: "own", 1: "own", 2: "own"},
+                "own expert on image tokens": {0: "own"}, "own expert on question text": {1: "own"},
+                "own expert at answer positions": {2: "own"}, "own on text (question + answer)": {1: "own", 2: "own"},
+                "no expert on image tokens": {0: OFF}, "no expert on image tokens, own on text": {0: OFF, 1: "own",
+                                                                                                 2: "own"}}
+    with forcing.active():
+        for t in [] if args.rules_only else args.tasks:
+            own = library_tasks.index(t)
+            for label, spec in variants.items():
+                forced = {kind: own if choice == "own" else choice for kind, choice in spec.items()}
+                score = forced_accuracy(library, bench.tokenizer, bench.tasks[t].test, forcing, image_token, forced)
+                result["forced"].setdefault(label, {})[t] = score
+                print(f"{t:<8} {label:<42} {score:5.1f}", flush=True)
+    result["rules"] = {}
+    arrow = ArrowScores()
+
+    def score_rules(suffix: str, rules: dict) -> None:
+        for label, rule in rules.items():
+            use_arrow = rule.get("arrow", False)  # Arrow replaces the standardised scores while active
+            library.set_phase("route", top_k=rule["top_k"], mixing=rule.get("mixing", "softmax"),
+                              score_norm="standardize" if use_arrow else rule.get("score_norm", "none"))
+            with arrow.active() if use_arrow else contextlib.nullcontext():
+                scores = {t: answer_accuracy(library, bench.tokenizer, bench.tasks[t].test) for t in library_tasks}
+            result["rules"][label + suffix] = scores
+            print(f"{label + suffix:<52} " + " ".join(f"{t} {v:5.1f}" for t, v in scores.items()), flush=True)
+
+    rules = {"top-1 raw": dict(top_k=1), "top-1 standardize": dict(top_k=1, score_norm="standardize"),
+             "top-2 standardize": dict(top_k=2, score_norm="standardize"),
+             # every expert weighted by its own gate sigmoid(v . u), exactly as each was trained in stage 2
+             "all experts, sigmoid gates": dict(top_k=len(library_tasks), mixing="sigmoid"),
+             "top-1 Arrow (training-free)": dict(top_k=1, arrow=True),
+             "top-2 Arrow (training-free)": dict(top_k=2, arrow=True)}
+    score_rules("", rules)
+    # longer router training: every expert's routing vectors continued to --router-steps in total (stage 2 only)
+    for t in library_tasks:
+        train_router(library, t, bench.tasks[t].train, bench.tokenizer,
+                     max_steps=args.router_steps - settings.router_steps, learning_rate=settings.router_lr,
+                     per_device_train_batch_size=settings.batch_size, seed=settings.seed, disable_tqdm=True)
+    score_rules(f", {args.router_steps} router steps", dict(list(rules.items())[:4]))
+    out = RESULTS / ("multimodal_routing_diagnosis_quick.json" if args.quick else "multimodal_routing_diagnosis.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
