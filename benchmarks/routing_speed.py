@@ -42,6 +42,7 @@ from peft_routing.routed_lora import routed_forward  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
+ALL_PARTS = ("layer", "whole", "decode")
 
 
 @dataclass
@@ -399,7 +400,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences per forward (the issue's setup is 1)")
     parser.add_argument("--sizes", type=lambda text: tuple(int(n) for n in text.split(",")), default=None,
                         help="library sizes N, comma-separated (default 1,8,64,256)")
-    parser.add_argument("--parts", default="layer,whole,decode", help="which parts to run, comma-separated")
+    parser.add_argument("--parts", default=",".join(ALL_PARTS), help="which parts to run, comma-separated")
     args = parser.parse_args()
     setup = replace(QUICK if args.quick else Setup(), device=args.device, dtype=args.dtype, batch=args.batch)
     if args.sizes:
@@ -428,18 +429,21 @@ def main() -> None:
         result["decode"] = decode(setup)
         _print_decode(result["decode"])
     result["seconds"] = time.time() - started
-    out = args.out or RESULTS / _result_name(setup, args.quick)
+    out = args.out or RESULTS / _result_name(setup, args.quick, parts)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out} ({result['seconds']:.0f} s)")
 
 
-def _result_name(setup: Setup, quick: bool) -> str:
-    """routing_speed.json for the issue's CPU setup; other devices, dtypes and batches get their own file."""
-    parts = ["routing_speed"] + (["quick"] if quick else [])
+def _result_name(setup: Setup, quick: bool, parts: list[str]) -> str:
+    """routing_speed.json for the issue's CPU setup and every part; other devices, dtypes and batches get their
+    own file, and so does a run of some parts only (it must not overwrite a full run's figures)."""
+    name = ["routing_speed"] + (["quick"] if quick else [])
     if setup.device != "cpu" or setup.dtype != "float32" or setup.batch != 1:
-        parts += [setup.device, setup.dtype, f"b{setup.batch}"]
-    return "_".join(parts) + ".json"
+        name += [setup.device, setup.dtype, f"b{setup.batch}"]
+    if sorted(parts) != sorted(ALL_PARTS):
+        name += sorted(parts)
+    return "_".join(name) + ".json"
 
 
 def _device_name(device: str) -> str:

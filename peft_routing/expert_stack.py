@@ -34,6 +34,7 @@ class ExpertStack:
     r_max: int
     _standardized_vectors: torch.Tensor | None = None
     _standardized_version: int = -1
+    _expert_views: tuple | None = None
 
     def __post_init__(self) -> None:
         self.num_experts = len(self.names)
@@ -53,12 +54,22 @@ class ExpertStack:
             self._standardized_version = self.head._version
         return self._standardized_vectors
 
+    def expert_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+        """Per expert: A [r_max, d_in], B [d_out, r_max] (views of the stack) and the scale as a float.
+
+        Made once per stack for the decode path, where slicing the stack anew costs more than the arithmetic.
+        """
+        if self._expert_views is None:
+            self._expert_views = (list(self.a.unbind(0)), [b.t() for b in self.b_t.unbind(0)], self.scales.tolist())
+        return self._expert_views
+
     def is_current(self, layer) -> bool:
         """False when PEFT replaced a parameter since the build (e.g. ``model.to(...)``, dtype casting)."""
         if list(layer.lora_A.keys()) != self.names or not self.names:
             return False
-        first = layer.lora_A[self.names[0]].weight
-        return first.device == self.head.device and first.dtype == self.head.dtype and _views(first, self.head)
+        # the first expert's A still is the view made at build: a replaced (moved, cast) tensor lives elsewhere,
+        # and the stack keeps its own memory alive, so the address cannot have been reused
+        return layer.lora_A[self.names[0]].weight.data_ptr() == self.a_rows.data_ptr()
 
     @classmethod
     def build(cls, layer) -> "ExpertStack":
@@ -103,10 +114,6 @@ def _release_freed_host_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _views(tensor: torch.Tensor, storage: torch.Tensor) -> bool:
-    return tensor.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
 
 
 def _repoint(container: nn.ParameterDict, name: str, view: torch.Tensor) -> None:

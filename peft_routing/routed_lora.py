@@ -9,8 +9,10 @@ forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``ker
             once; index_add scatters back. When routing is so skewed that padding would more than double the work,
             it falls back to grouped.
   * grouped: the same sorted pairs, contiguous per expert, through torch._grouped_mm (no padding).
-  * gather  (a handful of pairs, e.g. decoding one token): only the chosen experts' A/B are read (a loop over
-            views for up to FEW_PAIRS pairs, gathered copies and bmm beyond).
+  * gather  (a handful of pairs, e.g. decoding one token): only the chosen experts' A/B are read. Up to
+            FEW_PAIRS pairs the top-k is picked in Python and each pair is two matrix-vector products on views
+            (a third of the batched path's ops: on a CPU each small op costs more than its arithmetic); gathered
+            copies and bmm beyond.
   * torch: like auto, but never the Triton kernels (to compare the two on a GPU).
   * loop: the per-expert reference loop ``routing.routed_lora_delta``; every strategy equals it up to rounding.
 """
@@ -24,7 +26,7 @@ import torch
 
 from .config import RoutingSettings
 from .expert_stack import ExpertStack
-from .routing import Routes, routed_lora_delta, select_experts, standardize
+from .routing import ListedRoutes, Routes, routed_lora_delta, select_experts, standardize
 
 STRATEGIES = ("auto", "torch", "dense", "padded", "grouped", "gather", "loop", "triton")
 # PEFT_ROUTING_BACKEND=torch keeps CUDA tensors on the PyTorch path; =triton sends every call to the kernels
@@ -79,6 +81,10 @@ def routed_forward(
             scores = _standardized_scores(tokens, stack)
         routes = select_experts(scores, settings)
         return _dense_expand(shrunk, routes, stack, out), routes
+    if strategy == "gather" and tokens.shape[0] * k <= FEW_PAIRS:
+        decoded = _few_pairs(tokens, stack, settings, out)
+        if decoded is not None:
+            return decoded
     routes = select_experts(_scores(tokens, stack, settings.score_norm), settings)
     if strategy == "gather":
         return _gather(tokens, routes, stack, out), routes
@@ -115,7 +121,7 @@ def _triton(tokens, stack, settings, out):
 def _scores(tokens: torch.Tensor, stack: ExpertStack, score_norm: str) -> torch.Tensor:
     if score_norm == "standardize":
         return _standardized_scores(tokens, stack)
-    return tokens @ stack.vectors.t()
+    return torch.nn.functional.linear(tokens, stack.vectors)  # x V^T without a transposed view: one op fewer
 
 
 def _standardized_scores(tokens: torch.Tensor, stack: ExpertStack) -> torch.Tensor:
@@ -136,8 +142,6 @@ def _dense_expand(shrunk: torch.Tensor, routes: Routes, stack: ExpertStack, out:
 
 
 def _gather(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
-    if routes.expert_ids.numel() <= FEW_PAIRS:
-        return _few_pairs(tokens, routes, stack, out)
     num_tokens, k = routes.expert_ids.shape
     ids = routes.expert_ids.reshape(-1)
     a = stack.a[ids]  # [P, r, d_in]
@@ -148,14 +152,50 @@ def _gather(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch
     return out.add_(expanded.view(num_tokens, k, -1).sum(dim=1))
 
 
-def _few_pairs(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
-    """Decoding a token or two: two small matmuls per pair on views of the stack, no gathered copies."""
-    gates = _pair_gates(routes, stack).tolist()
-    for token, (experts, token_gates) in enumerate(zip(routes.expert_ids.tolist(), gates)):
-        x, row = tokens[token], out[token]
-        for expert, gate in zip(experts, token_gates):
-            row.add_((stack.a[expert] @ x) @ stack.b_t[expert], alpha=gate)
-    return out
+def _few_pairs(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
+               out: torch.Tensor) -> tuple[torch.Tensor, Routes] | None:
+    """Decoding a token or two: the top-k and mixing weights of a few score rows are picked in Python, then each
+    pair is one matrix-vector product into A_j and one accumulating product out of B_j, on views of the stack.
+
+    Each small PyTorch op costs 5-35 us of dispatch on a CPU, far more than its arithmetic: this is ~6 ops per
+    token where the batched path takes ~20. None for non-finite scores, which the batched path handles.
+    """
+    rows = _scores(tokens, stack, settings.score_norm).tolist()
+    if not all(math.isfinite(sum(row)) for row in rows):  # a nan or inf makes the sum non-finite
+        return None
+    k = min(settings.top_k, stack.num_experts)
+    a, b, scales = stack.expert_views()
+    ids, weights = [], []
+    for token, row in enumerate(rows):
+        chosen = _largest(row, k)
+        mix = _mixing_weights([row[j] for j in chosen], settings)
+        x, target = tokens[token], out[token]
+        for expert, weight in zip(chosen, mix):
+            target.addmv_(b[expert], torch.mv(a[expert], x), alpha=weight * scales[expert])
+        ids.append(chosen)
+        weights.append(mix)
+    return out, ListedRoutes(ids, weights, tokens.device, tokens.dtype)
+
+
+def _largest(row: list[float], k: int) -> list[int]:
+    """Indices of the k largest scores, best first; ties go to the lower index, as torch.max and top_k do."""
+    remaining = list(range(len(row)))
+    chosen = []
+    for _ in range(k):
+        best = max(remaining, key=row.__getitem__)  # max keeps the first of equal keys
+        chosen.append(best)
+        remaining.remove(best)
+    return chosen
+
+
+def _mixing_weights(top_scores: list[float], settings: RoutingSettings) -> list[float]:
+    """select_experts' weights for one token's chosen scores, in Python floats (routing.py has the equations)."""
+    if settings.mixing == "sigmoid":
+        return [0.5 * (1.0 + math.tanh(score / 2)) for score in top_scores]  # sigmoid, without overflow
+    best = max(top_scores)
+    exps = [math.exp((score - best) / settings.temperature) for score in top_scores]
+    total = sum(exps)
+    return [e / total for e in exps]
 
 
 def _padded(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,22 @@ class Routes:
     weights: torch.Tensor
 
 
+class ListedRoutes(Routes):
+    """Routes kept as Python lists until read: the decode path decides in Python, and turning its handful of
+    numbers into two tensors would cost two more PyTorch ops per layer call than the routing itself needs."""
+
+    def __init__(self, expert_ids: list[list[int]], weights: list[list[float]], device, dtype) -> None:
+        self._lists, self._device, self._dtype = (expert_ids, weights), device, dtype
+
+    @property
+    def expert_ids(self) -> torch.Tensor:
+        return torch.tensor(self._lists[0], dtype=torch.long, device=self._device)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.tensor(self._lists[1], dtype=self._dtype, device=self._device)
+
+
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk, except that a small k uses k passes of max, about 3x faster on CPU for routing-sized rows."""
     if k > 4 or scores.shape[-1] <= k:

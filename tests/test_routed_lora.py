@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_library, token_batch
 from hypothesis import HealthCheck, given, settings
@@ -62,13 +63,26 @@ def _has_near_tie(x, stack, routing) -> bool:
     return k < stack.num_experts and bool(((scores[:, k - 1] - scores[:, k]).abs() < 1e-4).any())
 
 
-def test_exact_ties_pick_the_same_experts_in_every_strategy():
+@pytest.mark.parametrize("tokens, top_k", [(20, 1), (1, 1), (1, 2), (2, 2)])  # 1-2 tokens: the decode path
+def test_exact_ties_pick_the_same_experts_in_every_strategy(tokens, top_k):
     stack = _stack(6, 4, 8, 8, 0)
     stack.vectors[3].copy_(stack.vectors[1])  # two identical experts' vectors: a tie on every token
-    x = torch.randn(20, 8)
-    routing = RoutingSettings(top_k=1)
-    picks = {s: routed_forward(x, stack, routing, s)[1].expert_ids for s in ("dense", "padded", "grouped", "gather", "loop")}
+    x = torch.randn(tokens, 8)
+    routing = RoutingSettings(top_k=top_k)
+    strategies = ("dense", "padded", "grouped", "gather", "loop")
+    picks = {s: routed_forward(x, stack, routing, s)[1].expert_ids for s in strategies}
     assert all(torch.equal(p, picks["loop"]) for p in picks.values())
+
+
+def test_decode_path_hands_non_finite_scores_to_the_batched_path():
+    stack = _stack(5, 4, 8, 8, 1)
+    stack.vectors[2, 0] = float("nan")  # expert 2 scores nan: torch.max picks it, Python's ordering would not
+    x = torch.randn(1, 8)
+    routing = RoutingSettings(top_k=2)
+    got, routes = routed_forward(x, stack, routing, "gather", out=torch.zeros(1, 8))
+    want, want_routes = routed_forward(x, stack, routing, "loop", out=torch.zeros(1, 8))
+    assert torch.equal(routes.expert_ids, want_routes.expert_ids)
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def test_stack_parameters_are_views_and_rebuilt_after_library_changes():
