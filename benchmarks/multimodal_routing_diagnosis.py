@@ -36,6 +36,17 @@ KINDS = ("image", "question", "answer")
 OFF = -1  # a forced choice of "no expert": the base layer alone at these positions
 
 
+@contextlib.contextmanager
+def patched(name: str, replacement):
+    """Replace ``routed_lora.<name>`` while active: how the diagnostic switches below reach the route phase."""
+    original = getattr(routed_lora, name)
+    setattr(routed_lora, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(routed_lora, name, original)
+
+
 class PositionForcing:
     """Overrides the top-1 choice at chosen kinds of positions of the current batch (a diagnostic patch).
 
@@ -60,22 +71,26 @@ class PositionForcing:
             weights[rows, 0] = 0.0 if expert == OFF else 1.0
         return Routes(ids, weights)
 
-    @contextlib.contextmanager
     def active(self):
-        routed_lora.select_experts = self.select
-        try:
-            yield self
-        finally:
-            routed_lora.select_experts = self.original
+        return patched("select_experts", self.select)
 
 
-class ArrowScores:
+class ScorePatch:
+    """A scoring rule patched in where the standardised scores are computed (run with score_norm='standardize')."""
+
+    def scores(self, tokens: torch.Tensor, stack) -> torch.Tensor:
+        raise NotImplementedError
+
+    def active(self):
+        return patched("_standardized_scores", self.scores)
+
+
+class ArrowScores(ScorePatch):
     """Arrow's training-free scores (Ostapenko et al., 2024): |p_j . u| with p_j the top right singular vector of
-    expert j's B A in this layer. Patched in where the standardised scores are computed (a diagnostic switch)."""
+    expert j's B A in this layer."""
 
     def __init__(self) -> None:
         self.prototypes: dict[int, torch.Tensor] = {}
-        self.original = routed_lora._standardized_scores
 
     def scores(self, tokens: torch.Tensor, stack) -> torch.Tensor:
         if id(stack) not in self.prototypes:
@@ -86,16 +101,8 @@ class ArrowScores:
             self.prototypes[id(stack)] = torch.stack(rows).to(tokens.dtype)
         return (tokens @ self.prototypes[id(stack)].t()).abs()
 
-    @contextlib.contextmanager
-    def active(self):
-        routed_lora._standardized_scores = self.scores
-        try:
-            yield self
-        finally:
-            routed_lora._standardized_scores = self.original
 
-
-class CenteredScores(ArrowScores):
+class CenteredScores(ScorePatch):
     """Scores of tokens centred on the library's mean input, per layer: (u - m) . v, or standardised after centring.
 
     m is the average over tasks of each task's mean input to the layer, measured on 32 of its own training
@@ -105,7 +112,6 @@ class CenteredScores(ArrowScores):
     """
 
     def __init__(self, means: dict[int, torch.Tensor], standardized: bool) -> None:
-        super().__init__()
         self.means, self.standardized = means, standardized
 
     def scores(self, tokens: torch.Tensor, stack) -> torch.Tensor:
@@ -238,33 +244,29 @@ def main() -> None:
                 result["forced"].setdefault(label, {})[t] = score
                 print(f"{t:<8} {label:<42} {score:5.1f}", flush=True)
     result["rules"] = {}
-    arrow = ArrowScores()
 
     def score_rules(suffix: str, rules: dict) -> None:
         for label, rule in rules.items():
-            use_arrow = rule.get("arrow", False)  # Arrow replaces the standardised scores while active
+            patch = rule.get("patch")  # a ScorePatch replaces the standardised scores while active
             library.set_phase("route", top_k=rule["top_k"], mixing=rule.get("mixing", "softmax"),
-                              score_norm="standardize" if use_arrow else rule.get("score_norm", "none"))
-            with arrow.active() if use_arrow else contextlib.nullcontext():
+                              score_norm="standardize" if patch else rule.get("score_norm", "none"))
+            with patch.active() if patch else contextlib.nullcontext():
                 scores = {t: answer_accuracy(library, bench.tokenizer, bench.tasks[t].test) for t in library_tasks}
             result["rules"][label + suffix] = scores
             print(f"{label + suffix:<52} " + " ".join(f"{t} {v:5.1f}" for t, v in scores.items()), flush=True)
 
+    arrow = ArrowScores()  # its prototypes are computed once, for both rules
     rules = {"top-1 raw": dict(top_k=1), "top-1 standardize": dict(top_k=1, score_norm="standardize"),
              "top-2 standardize": dict(top_k=2, score_norm="standardize"),
              # every expert weighted by its own gate sigmoid(v . u), exactly as each was trained in stage 2
              "all experts, sigmoid gates": dict(top_k=len(library_tasks), mixing="sigmoid"),
-             "top-1 Arrow (training-free)": dict(top_k=1, arrow=True),
-             "top-2 Arrow (training-free)": dict(top_k=2, arrow=True)}
+             "top-1 Arrow (training-free)": dict(top_k=1, patch=arrow),
+             "top-2 Arrow (training-free)": dict(top_k=2, patch=arrow)}
     score_rules("", rules)
     means = library_means(library, bench.tokenizer, bench.tasks, library_tasks)
-    for standardized, k in ((False, 1), (False, 2), (True, 1), (True, 2)):
-        label = f"top-{k} {'standardize' if standardized else 'raw'}, centred on the tasks' mean input"
-        library.set_phase("route", top_k=k, score_norm="standardize")  # the patch replaces the standardised scores
-        with CenteredScores(means, standardized).active():
-            scores = {t: answer_accuracy(library, bench.tokenizer, bench.tasks[t].test) for t in library_tasks}
-        result["rules"][label] = scores
-        print(f"{label:<52} " + " ".join(f"{t} {v:5.1f}" for t, v in scores.items()), flush=True)
+    score_rules("", {f"top-{k} {'standardize' if standardized else 'raw'}, centred on the tasks' mean input":
+                     dict(top_k=k, patch=CenteredScores(means, standardized))
+                     for standardized, k in ((False, 1), (False, 2), (True, 1), (True, 2))})
     # longer router training: every expert's routing vectors continued to --router-steps in total (stage 2 only)
     for t in library_tasks:
         train_router(library, t, bench.tasks[t].train, bench.tokenizer,
