@@ -4,11 +4,11 @@ Strategies, chosen per call by ``choose_strategy`` (thresholds measured with ben
 forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``kernels/`` (CUDA tensors by default):
   * dense   (N * r_max small): one matmul against [V; A_1..A_N] gives the scores and every expert's shrink, the
             routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
-  * padded  (large libraries): the T*k (token, expert) pairs are sorted by expert once and laid out as
-            [N, C, d_in] with C the largest expert's count; two batched matmuls shrink and expand every expert at
-            once; index_add scatters back. When routing is so skewed that padding would more than double the work,
-            it falls back to grouped.
-  * grouped: the same sorted pairs, contiguous per expert, through torch._grouped_mm (no padding).
+  * sorted  (large libraries): the T*k (token, expert) pairs are sorted by expert once, then (``sorted_layout``)
+      padded:  every expert's run padded to the longest, [N, C, d_in]; two batched matmuls shrink and expand all
+               experts at once; index_add scatters back;
+      grouped: the runs back to back through torch._grouped_mm (or a loop over the experts where it is missing),
+               no padding: the choice wherever grouped_mm works, as real routing is skewed.
   * gather  (a handful of pairs, e.g. decoding one token): only the chosen experts' A/B are read. Up to
             FEW_PAIRS pairs the top-k is picked in Python and each pair is two matrix-vector products on views
             (a third of the batched path's ops: on a CPU each small op costs more than its arithmetic); gathered
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -28,13 +29,16 @@ from .config import RoutingSettings
 from .expert_stack import ExpertStack
 from .routing import ListedRoutes, Routes, routed_lora_delta, select_experts, standardize
 
-STRATEGIES = ("auto", "torch", "dense", "padded", "grouped", "gather", "loop", "triton")
+STRATEGIES = ("auto", "torch", "dense", "sorted", "padded", "grouped", "gather", "loop", "triton")
 # PEFT_ROUTING_BACKEND=torch keeps CUDA tensors on the PyTorch path; =triton sends every call to the kernels
 # (on CPU that needs TRITON_INTERPRET=1, for testing).
 BACKEND = os.environ.get("PEFT_ROUTING_BACKEND", "auto")
 # dense while N * r_max <= DENSE_MAX_COLUMNS; gather while T * k <= GATHER_MAX_PAIRS (benchmarks/RESULTS.md)
 DENSE_MAX_COLUMNS = int(os.environ.get("PEFT_ROUTING_DENSE_MAX_COLUMNS", 256))
 GATHER_MAX_PAIRS = int(os.environ.get("PEFT_ROUTING_GATHER_MAX_PAIRS", 16))
+# a Python loop over the experts (when torch._grouped_mm does not take the operands) costs about this many rows of
+# the padded layout per expert (the benchmark model's layers, benchmarks/routing_speed.py)
+LOOPED_EXPERT_ROWS = 64
 FEW_PAIRS = 4  # at most this many (token, expert) pairs: a Python loop over views beats gathering copies
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -44,14 +48,17 @@ def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
         return "gather"
     if stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS:
         return "dense"
-    return "padded"
+    return "sorted"
 
 
-def grouped_mm_supported(stack: ExpertStack) -> bool:
-    """torch._grouped_mm exists and accepts these shapes (its operands' strides must be multiples of 16 bytes)."""
-    itemsize = stack.head.element_size()
+def grouped_mm_supported(tokens: torch.Tensor, stack: ExpertStack) -> bool:
+    """torch._grouped_mm exists and takes these operands: on a CPU 32- and 16-bit floats whose strides are multiples
+    of 16 bytes (the rows of x, A^T and B^T), on CUDA bfloat16 only."""
+    dtypes = (torch.bfloat16,) if tokens.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
+    if not _HAS_GROUPED_MM or tokens.dtype not in dtypes:
+        return False
     dims = (stack.head.shape[-1], stack.r_max, stack.b_t.shape[-1])
-    return _HAS_GROUPED_MM and all(d * itemsize % 16 == 0 for d in dims)
+    return all(d * tokens.element_size() % 16 == 0 for d in dims)
 
 
 def routed_forward(
@@ -88,10 +95,8 @@ def routed_forward(
     routes = select_experts(_scores(tokens, stack, settings.score_norm), settings)
     if strategy == "gather":
         return _gather(tokens, routes, stack, out), routes
-    if strategy == "padded":
-        return _padded(tokens, routes, stack, out), routes
-    if strategy == "grouped" and grouped_mm_supported(stack):
-        return _grouped(tokens, routes, stack, out), routes
+    if strategy in ("sorted", "padded", "grouped"):
+        return _sorted(tokens, routes, stack, out, strategy), routes
     return out.add_(_loop(tokens, routes, stack)), routes
 
 
@@ -198,43 +203,71 @@ def _mixing_weights(top_scores: list[float], settings: RoutingSettings) -> list[
     return [e / total for e in exps]
 
 
-def _padded(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
-    num_tokens, k = routes.expert_ids.shape
+@dataclass
+class SortedPairs:
+    """The T*k (token, expert) pairs sorted by expert, so that each expert's pairs form one contiguous run."""
+
+    tokens: torch.Tensor  # [P] the token of each pair
+    gates: torch.Tensor  # [P] its w_tj * s_j, in the tokens' dtype
+    experts: torch.Tensor  # [P] its expert (ascending)
+    counts: torch.Tensor  # [N] each expert's number of pairs (its run's length)
+
+    @classmethod
+    def of(cls, routes: Routes, stack: ExpertStack, dtype: torch.dtype) -> "SortedPairs":
+        k = routes.expert_ids.shape[1]
+        flat_ids = routes.expert_ids.reshape(-1)
+        experts, order = torch.sort(flat_ids, stable=True)
+        gates = _pair_gates(routes, stack).reshape(-1)[order].to(dtype)
+        return cls(order // k, gates, experts, torch.bincount(flat_ids, minlength=stack.num_experts))
+
+
+def sorted_layout(counts: list[int], grouped_mm: bool) -> str:
+    """"grouped" wherever torch._grouped_mm takes the operands: on the benchmark model it beat padding at N = 64 and
+    256 even on near-uniform layers (benchmarks/RESULTS.md). Without it, "padded" unless the routing is so skewed
+    (as in real models: a few experts take most pairs) that padding every expert to the longest run moves more rows
+    than looping over the experts, which costs LOOPED_EXPERT_ROWS rows per active expert.
+    """
+    if grouped_mm:
+        return "grouped"
+    looped_rows = sum(counts) + LOOPED_EXPERT_ROWS * sum(1 for count in counts if count)
+    return "padded" if len(counts) * max(counts) <= looped_rows else "grouped"
+
+
+def _sorted(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor, layout: str) -> torch.Tensor:
+    """The padded or grouped layout of the pairs sorted by expert ("sorted": chosen by ``sorted_layout``)."""
+    pairs = SortedPairs.of(routes, stack, tokens.dtype)
+    counts = pairs.counts.tolist()
+    can_group = grouped_mm_supported(tokens, stack)
+    if layout == "sorted":
+        layout = sorted_layout(counts, can_group)
+    if layout == "padded":
+        return _padded(tokens, pairs, max(counts), stack, out)
+    x = torch.index_select(tokens, 0, pairs.tokens)
+    if can_group:
+        ends = torch.cumsum(pairs.counts, 0).to(torch.int32)
+        shrunk = torch._grouped_mm(x, stack.a.transpose(1, 2), offs=ends) * pairs.gates.unsqueeze(-1)
+        expanded = torch._grouped_mm(shrunk, stack.b_t, offs=ends)
+    else:  # one expert at a time
+        runs = zip(x.split(counts), pairs.gates.split(counts), stack.a, stack.b_t)
+        expanded = torch.cat([((x_j @ a_j.t()) * gates_j.unsqueeze(-1)) @ b_j for x_j, gates_j, a_j, b_j in runs])
+    return out.index_add_(0, pairs.tokens, expanded)
+
+
+def _padded(tokens: torch.Tensor, pairs: SortedPairs, capacity: int, stack: ExpertStack,
+            out: torch.Tensor) -> torch.Tensor:
+    """Every expert's run padded to ``capacity`` rows, [N, capacity, d_in]: two batched matmuls for all experts."""
     n = stack.num_experts
-    flat_ids = routes.expert_ids.reshape(-1)
-    counts = torch.bincount(flat_ids, minlength=n)
-    capacity = int(counts.max())
-    if n * capacity > 2 * flat_ids.numel() + 64:
-        if grouped_mm_supported(stack):
-            return _grouped(tokens, routes, stack, out)
-        return out.add_(_loop(tokens, routes, stack))
-    order = torch.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
-    starts = torch.cumsum(counts, 0) - counts
-    slot = sorted_ids * capacity + (torch.arange(order.numel(), device=order.device) - starts[sorted_ids])
+    starts = torch.cumsum(pairs.counts, 0) - pairs.counts
+    slot = pairs.experts * capacity + torch.arange(pairs.tokens.numel(), device=tokens.device) - starts[pairs.experts]
     # padding slots read token 0 with a zero gate, so they add exactly 0 to token 0
-    source = torch.zeros(n * capacity, dtype=torch.long, device=order.device).index_copy_(0, slot, order // k)
-    gates = torch.zeros(n * capacity, dtype=tokens.dtype, device=tokens.device)
-    gates.index_copy_(0, slot, _pair_gates(routes, stack).reshape(-1)[order].to(tokens.dtype))
+    source = pairs.tokens.new_zeros(n * capacity).index_copy_(0, slot, pairs.tokens)
+    gates = pairs.gates.new_zeros(n * capacity).index_copy_(0, slot, pairs.gates)
     x = torch.index_select(tokens, 0, source).view(n, capacity, -1)
     shrunk = torch.bmm(x, stack.a.transpose(1, 2)) * gates.view(n, capacity, 1)
-    expanded = torch.bmm(shrunk, stack.b_t).view(n * capacity, -1)
-    return out.index_add_(0, source, expanded)
+    return out.index_add_(0, source, torch.bmm(shrunk, stack.b_t).view(n * capacity, -1))
 
 
 def _loop(tokens: torch.Tensor, routes: Routes, stack: ExpertStack) -> torch.Tensor:
     a = [stack.a[j] for j in range(stack.num_experts)]
     b = [stack.b_t[j].t() for j in range(stack.num_experts)]
     return routed_lora_delta(tokens, routes, a, b, stack.scales.tolist())
-
-
-def _grouped(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch.Tensor) -> torch.Tensor:
-    num_tokens, k = routes.expert_ids.shape
-    flat_ids = routes.expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_pair = order // k
-    ends = torch.cumsum(torch.bincount(flat_ids, minlength=stack.num_experts), 0).to(torch.int32)
-    shrunk = torch._grouped_mm(torch.index_select(tokens, 0, token_of_pair), stack.a.transpose(1, 2), offs=ends)
-    shrunk = shrunk * _pair_gates(routes, stack).reshape(-1)[order].unsqueeze(-1)
-    expanded = torch._grouped_mm(shrunk, stack.b_t, offs=ends)
-    return out.index_add_(0, token_of_pair, expanded)
