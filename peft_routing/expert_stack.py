@@ -79,8 +79,10 @@ class ExpertStack:
         device, dtype = reference.device, reference.dtype
         r_max = max(layer.r[n] for n in names)
         n, d_in, d_out = len(names), layer.in_features, layer.out_features
-        head = torch.zeros(n + n * r_max, d_in, device=device, dtype=dtype)
-        b_t = torch.zeros(n, r_max, d_out, device=device, dtype=dtype)
+        # empty, not zeros: pages become resident as the experts are copied in, while the copied experts' old
+        # tensors are released, so building never holds two copies of the layer's library (only pad rows are zeroed)
+        head = torch.empty(n + n * r_max, d_in, device=device, dtype=dtype)
+        b_t = torch.empty(n, r_max, d_out, device=device, dtype=dtype)
         stack = cls(names, head, b_t, torch.tensor([float(layer.scaling[x]) for x in names], dtype=dtype,
                                                     device=device), r_max)
         with torch.no_grad():
@@ -89,12 +91,19 @@ class ExpertStack:
                 stack.vectors[j].copy_(layer.lora_route[name])
                 stack.a[j, :r].copy_(layer.lora_A[name].weight)
                 b_t[j, :r].copy_(layer.lora_B[name].weight.t())
+                stack.a[j, r:].zero_()
+                b_t[j, r:].zero_()
                 _repoint(layer.lora_route, name, stack.vectors[j])
                 _repoint_weight(layer.lora_A[name], stack.a[j, :r])
                 _repoint_weight(layer.lora_B[name], b_t[j, :r].t())
+                if device.type == "cpu" and (j + 1) % RELEASE_EVERY == 0:
+                    _release_freed_host_memory()
         if device.type == "cpu":
             _release_freed_host_memory()
         return stack
+
+
+RELEASE_EVERY = 16  # experts copied between two releases of the freed ones' host memory
 
 
 @functools.lru_cache(maxsize=1)
