@@ -53,9 +53,11 @@ def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
 
 def grouped_mm_supported(tokens: torch.Tensor, stack: ExpertStack) -> bool:
     """torch._grouped_mm exists and takes these operands: on a CPU 32- and 16-bit floats whose strides are multiples
-    of 16 bytes (the rows of x, A^T and B^T), on CUDA bfloat16 only."""
+    of 16 bytes (the rows of x, A^T and B^T), on CUDA bfloat16 on Hopper (sm90) or newer only."""
     dtypes = (torch.bfloat16,) if tokens.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
     if not _HAS_GROUPED_MM or tokens.dtype not in dtypes:
+        return False
+    if tokens.is_cuda and torch.cuda.get_device_capability(tokens.device) < (9, 0):
         return False
     dims = (stack.head.shape[-1], stack.r_max, stack.b_t.shape[-1])
     return all(d * tokens.element_size() % 16 == 0 for d in dims)
