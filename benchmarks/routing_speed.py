@@ -6,8 +6,9 @@ LM head does not dilute the ratios. Every timed system runs in the same loop, in
 repeat; a ratio is the median over repeats of (system time / base time of the same repeat), which cancels most of
 the machine's noise. Peak memory is the peak RSS of a fresh process that builds one system and runs one forward.
 
-    python benchmarks/routing_speed.py            # full run (~11 min on 2 cores) -> results/routing_speed.json
+    python benchmarks/routing_speed.py            # full run (~20 min on 2 cores) -> results/routing_speed.json
     python benchmarks/routing_speed.py --quick    # a smoke run on a smaller model
+    python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~10 min)
     python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
 
 On a GPU, ``ours`` is the default dispatch (the Triton kernels) and ``ours_torch`` the PyTorch path on the same
@@ -42,7 +43,7 @@ from peft_routing.routed_lora import routed_forward  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_PARTS = ("layer", "whole", "decode")
+ALL_PARTS = ("layer", "whole", "decode", "calls")
 
 
 @dataclass
@@ -390,6 +391,69 @@ def layer_micro(setup: Setup) -> list[dict]:
     return rows
 
 
+CALL_STRATEGIES = ("auto", "dense", "padded", "grouped")
+
+
+def layer_calls(setup: Setup) -> list[dict]:
+    """Each strategy's extra time per forward on the benchmark model's own route-phase calls: the inputs of the
+    7 * layers adapted projections in one forward are captured, then every call is replayed right after its base
+    matmul, the strategies interleaved with it, and the medians of (call - base) are summed over the calls.
+
+    Two things the layer micro-benchmark's random inputs miss decide the strategy: real routing is skewed (a few
+    experts take most pairs, which multiplies padding), and each call runs after a large GEMM evicted the caches.
+    """
+    ids = _token_ids(setup, setup.tokens, seed=0)
+    rows = []
+    for n in setup.library_sizes:
+        model = built(f"ours:N={n},k=2", setup)
+        model.set_phase("route", top_k=2)
+        model.set_routing_strategy("auto")
+        extra = dict.fromkeys(CALL_STRATEGIES, 0.0)
+        base_ms = 0.0
+        for layer, tokens in _captured_calls(model, ids):
+            stack = layer.expert_stack()
+            systems = {"base": lambda lin=layer.base_layer, x=tokens: _synced(lin(x))}
+            for strategy in CALL_STRATEGIES:
+                systems[strategy] = _routed_call(layer, tokens, stack, strategy)
+            timed = time_side_by_side(systems, setup.reps)
+            base_ms += timed["base"]["ms"]
+            for strategy in CALL_STRATEGIES:
+                extra[strategy] += (timed[strategy]["ratio"] - 1) * timed["base"]["ms"]
+        rows.append({"N": n, "base_matmuls_ms": base_ms, **{f"{s}_extra_ms": extra[s] for s in CALL_STRATEGIES}})
+    return rows
+
+
+def _routed_call(layer, tokens: torch.Tensor, stack: ExpertStack, strategy: str):
+    def run():
+        return _synced(routed_forward(tokens, stack, layer.routing_settings, strategy, out=layer.base_layer(tokens))[0])
+
+    return run
+
+
+def _captured_calls(model, ids: torch.Tensor) -> list[tuple]:
+    """(layer, its [T, d_in] input) for every route-phase layer call of one forward, in call order."""
+    from peft_routing.layer import RoutingLinear
+
+    calls = []
+    hooks = [module.register_forward_pre_hook(lambda m, args: calls.append((m, args[0].reshape(-1, args[0].shape[-1])
+                                                                            .detach().clone())))
+             for module in model.modules() if isinstance(module, RoutingLinear)]
+    try:
+        forward_fn(model, ids)()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def _print_calls(rows) -> None:
+    print("\nroute-phase layer calls of one forward on their real inputs, k=2: extra ms per forward by strategy")
+    print(f"{'N':>5} {'base matmuls':>13} " + " ".join(f"{s:>8}" for s in CALL_STRATEGIES))
+    for row in rows:
+        print(f"{row['N']:>5} {row['base_matmuls_ms']:13.0f} "
+              + " ".join(f"{row[f'{s}_extra_ms']:8.0f}" for s in CALL_STRATEGIES))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -428,6 +492,9 @@ def main() -> None:
     if "decode" in parts:
         result["decode"] = decode(setup)
         _print_decode(result["decode"])
+    if "calls" in parts:
+        result["layer_calls"] = layer_calls(setup)
+        _print_calls(result["layer_calls"])
     result["seconds"] = time.time() - started
     out = args.out or RESULTS / _result_name(setup, args.quick, parts)
     out.parent.mkdir(parents=True, exist_ok=True)
