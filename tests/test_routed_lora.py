@@ -65,6 +65,21 @@ def test_sorted_layout_pads_near_uniform_routing_and_groups_skewed_routing(group
     assert 8 * 16 <= 128 + 8 * LOOPED_EXPERT_ROWS
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["sorted", "padded", "grouped"])
+def test_sorted_strategies_in_other_dtypes_equal_the_loop(dtype, strategy):
+    # grouped_mm takes 16-bit floats on a CPU but not float64, which loops over the experts instead
+    stack = _stack(6, 8, 16, 24, 5, dtype)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6)).to(dtype)
+    routing = RoutingSettings(top_k=2)
+    base = torch.randn(40, 24, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got, routes = routed_forward(x, stack, routing, strategy, out=base.clone())
+    want, want_routes = routed_forward(x, stack, routing, "loop", out=base.clone())
+    assert torch.equal(routes.expert_ids, want_routes.expert_ids)
+    tolerance = 1e-9 if dtype == torch.float64 else 3e-2
+    torch.testing.assert_close(got.double(), want.double(), atol=tolerance * want.abs().max().item(), rtol=tolerance)
+
+
 def _has_near_tie(x, stack, routing) -> bool:
     from peft_routing.routed_lora import _scores
 
