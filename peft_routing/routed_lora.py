@@ -7,8 +7,8 @@ forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``ker
   * sorted  (large libraries): the T*k (token, expert) pairs are sorted by expert once, then (``sorted_layout``)
       padded:  every expert's run padded to the longest, [N, C, d_in]; two batched matmuls shrink and expand all
                experts at once; index_add scatters back;
-      grouped: the runs back to back through torch._grouped_mm (or a loop over the experts where it is missing),
-               no padding: the choice wherever grouped_mm works, as real routing is skewed.
+      grouped: the runs back to back through torch._grouped_mm (the reference loop over the experts where it is
+               missing), no padding: the choice wherever grouped_mm works, as real routing is skewed.
   * gather  (a handful of pairs, e.g. decoding one token): only the chosen experts' A/B are read. Up to
             FEW_PAIRS pairs the top-k is picked in Python and each pair is two matrix-vector products on views
             (a third of the batched path's ops: on a CPU each small op costs more than its arithmetic); gathered
@@ -244,15 +244,12 @@ def _sorted(tokens: torch.Tensor, routes: Routes, stack: ExpertStack, out: torch
         layout = sorted_layout(counts, can_group)
     if layout == "padded":
         return _padded(tokens, pairs, max(counts), stack, out)
+    if not can_group:  # one expert at a time
+        return out.add_(_loop(tokens, routes, stack))
+    ends = torch.cumsum(pairs.counts, 0).to(torch.int32)
     x = torch.index_select(tokens, 0, pairs.tokens)
-    if can_group:
-        ends = torch.cumsum(pairs.counts, 0).to(torch.int32)
-        shrunk = torch._grouped_mm(x, stack.a.transpose(1, 2), offs=ends) * pairs.gates.unsqueeze(-1)
-        expanded = torch._grouped_mm(shrunk, stack.b_t, offs=ends)
-    else:  # one expert at a time
-        runs = zip(x.split(counts), pairs.gates.split(counts), stack.a, stack.b_t)
-        expanded = torch.cat([((x_j @ a_j.t()) * gates_j.unsqueeze(-1)) @ b_j for x_j, gates_j, a_j, b_j in runs])
-    return out.index_add_(0, pairs.tokens, expanded)
+    shrunk = torch._grouped_mm(x, stack.a.transpose(1, 2), offs=ends) * pairs.gates.unsqueeze(-1)
+    return out.index_add_(0, pairs.tokens, torch._grouped_mm(shrunk, stack.b_t, offs=ends))
 
 
 def _padded(tokens: torch.Tensor, pairs: SortedPairs, capacity: int, stack: ExpertStack,

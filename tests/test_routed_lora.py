@@ -33,7 +33,7 @@ def _reference(tokens, stack, routing):
 @given(
     n=st.integers(1, 64),
     r_max=st.sampled_from([4, 8, 16, 32]),
-    d_in=st.sampled_from([4, 12, 13, 36, 64]),  # 13 (rows of 52 bytes): torch._grouped_mm refuses, "grouped" loops
+    d_in=st.sampled_from([4, 12, 13, 36, 64]),  # 13: rows of 52 bytes, which grouped_mm refuses
     d_out=st.sampled_from([4, 7, 20, 44]),
     tokens=st.sampled_from([0, 1, 3, 17, 40]),
     top_k=st.integers(1, 4),
