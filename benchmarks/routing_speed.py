@@ -6,9 +6,9 @@ LM head does not dilute the ratios. Every timed system runs in the same loop, in
 repeat; a ratio is the median over repeats of (system time / base time of the same repeat), which cancels most of
 the machine's noise. Peak memory is the peak RSS of a fresh process that builds one system and runs one forward.
 
-    python benchmarks/routing_speed.py            # full run (~20 min on 2 cores) -> results/routing_speed.json
+    python benchmarks/routing_speed.py            # full run (~18 min on 2 cores) -> results/routing_speed.json
     python benchmarks/routing_speed.py --quick    # a smoke run on a smaller model
-    python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~10 min)
+    python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~7 min)
     python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
 
 On a GPU, ``ours`` is the default dispatch (the Triton kernels) and ``ours_torch`` the PyTorch path on the same
@@ -435,9 +435,13 @@ def _captured_calls(model, ids: torch.Tensor) -> list[tuple]:
     from peft_routing.layer import RoutingLinear
 
     calls = []
-    hooks = [module.register_forward_pre_hook(lambda m, args: calls.append((m, args[0].reshape(-1, args[0].shape[-1])
-                                                                            .detach().clone())))
-             for module in model.modules() if isinstance(module, RoutingLinear)]
+
+    def record(layer, args):
+        x = args[0]
+        calls.append((layer, x.reshape(-1, x.shape[-1]).detach().clone()))
+
+    layers = [module for module in model.modules() if isinstance(module, RoutingLinear)]
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     try:
         forward_fn(model, ids)()
     finally:
