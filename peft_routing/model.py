@@ -158,8 +158,8 @@ class RoutingLoraModel(LoraModel):
         self._apply_phase()
 
     def set_routing_strategy(self, strategy: str) -> None:
-        """Force how the route phase computes (one of routed_lora.STRATEGIES, e.g. "dense", "sorted", "grouped", "loop";
-        "auto" picks per call).
+        """Force how the route phase computes (one of routed_lora.STRATEGIES, e.g. "cpu_kernel", "dense", "sorted",
+        "grouped", "loop"; "torch" is auto without the compiled kernels; "auto" picks per call).
 
         For testing and benchmarking: every strategy gives the same result up to float rounding.
         """

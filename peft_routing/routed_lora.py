@@ -1,7 +1,9 @@
 """The route-phase LoRA of one layer, on an ExpertStack, without any [tokens, N, d_out] tensor.
 
 Strategies, chosen per call by ``choose_strategy`` (thresholds measured with benchmarks/routing_speed.py), or
-forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``kernels/`` (CUDA tensors by default):
+forced with ``model.set_routing_strategy``. Two are compiled kernels, the default wherever they run: ``triton``
+(``kernels/``, CUDA tensors) and ``cpu_kernel`` (``cpu_kernel.py``, float32 CPU tensors without autograd, where a
+C++ compiler is found). The others are PyTorch ops, what "auto" picks from when no kernel applies:
   * dense   (N * r_max small): one matmul against [V; A_1..A_N] gives the scores and every expert's shrink, the
             routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
   * sorted  (large libraries): the T*k (token, expert) pairs are sorted by expert once, then (``sorted_layout``)
@@ -13,7 +15,7 @@ forced with ``model.set_routing_strategy``; ``triton`` runs the kernels of ``ker
             FEW_PAIRS pairs the top-k is picked in Python and each pair is two matrix-vector products on views
             (a third of the batched path's ops: on a CPU each small op costs more than its arithmetic); gathered
             copies and bmm beyond.
-  * torch: like auto, but never the Triton kernels (to compare the two on a GPU).
+  * torch: like auto, but never a compiled kernel (to compare the PyTorch path with them).
   * loop: the per-expert reference loop ``routing.routed_lora_delta``; every strategy equals it up to rounding.
 """
 
@@ -25,11 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_kernel
 from .config import RoutingSettings
 from .expert_stack import ExpertStack
 from .routing import ListedRoutes, Routes, routed_lora_delta, select_experts, standardize
 
-STRATEGIES = ("auto", "torch", "dense", "sorted", "padded", "grouped", "gather", "loop", "triton")
+STRATEGIES = ("auto", "torch", "dense", "sorted", "padded", "grouped", "gather", "loop", "triton", "cpu_kernel")
 # PEFT_ROUTING_BACKEND=torch keeps CUDA tensors on the PyTorch path; =triton sends every call to the kernels
 # (on CPU that needs TRITON_INTERPRET=1, for testing).
 BACKEND = os.environ.get("PEFT_ROUTING_BACKEND", "auto")
@@ -81,6 +84,8 @@ def routed_forward(
         strategy = "triton"
     if strategy == "triton":
         return _triton(tokens, stack, settings, out)
+    if strategy == "cpu_kernel" or (strategy == "auto" and out.is_contiguous() and cpu_kernel.supports(tokens, stack)):
+        return out, _cpu_kernel(tokens, stack, settings, out)
     if strategy in ("auto", "torch"):
         strategy = choose_strategy(tokens.shape[0] * k, stack)
     if strategy == "dense":
@@ -123,6 +128,13 @@ def _triton(tokens, stack, settings, out):
     dense = stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS
     out, (ids, weights) = launch.triton_routed_forward(tokens, stack, settings, out, dense=dense)
     return out, Routes(expert_ids=ids, weights=weights)
+
+
+def _cpu_kernel(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor) -> Routes:
+    if not (out.is_contiguous() and cpu_kernel.supports(tokens, stack)):
+        raise ValueError("The CPU kernel takes float32 CPU tensors without autograd, a contiguous output and a C++ "
+                         "compiler to build it (see the warning, if any); use strategy 'auto' or 'torch' otherwise.")
+    return cpu_kernel.routed_lora_(tokens, _scores(tokens, stack, settings.score_norm), stack, settings, out)
 
 
 def _scores(tokens: torch.Tensor, stack: ExpertStack, score_norm: str) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _reference(tokens, stack, routing):
     top_k=st.integers(1, 4),
     score_norm=st.sampled_from(["none", "standardize"]),
     mixing=st.sampled_from(["softmax", "sigmoid"]),
-    strategy=st.sampled_from(["auto", "dense", "sorted", "padded", "grouped", "gather"]),
+    strategy=st.sampled_from(["auto", "torch", "cpu_kernel", "dense", "sorted", "padded", "grouped", "gather"]),
     seed=st.integers(0, 1000),
 )
 def test_strategies_equal_the_reference_loop(n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, strategy, seed):
@@ -94,7 +94,7 @@ def test_exact_ties_pick_the_same_experts_in_every_strategy(tokens, top_k):
     stack.vectors[3].copy_(stack.vectors[1])  # two identical experts' vectors: a tie on every token
     x = torch.randn(tokens, 8)
     routing = RoutingSettings(top_k=top_k)
-    strategies = ("dense", "padded", "grouped", "gather", "loop")
+    strategies = ("cpu_kernel", "dense", "padded", "grouped", "gather", "loop")
     picks = {s: routed_forward(x, stack, routing, s)[1].expert_ids for s in strategies}
     assert all(torch.equal(p, picks["loop"]) for p in picks.values())
 
