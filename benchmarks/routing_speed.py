@@ -11,8 +11,9 @@ the machine's noise. Peak memory is the peak RSS of a fresh process that builds 
     python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~7 min)
     python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
 
-On a GPU, ``ours`` is the default dispatch (the Triton kernels) and ``ours_torch`` the PyTorch path on the same
-model; peak memory is torch.cuda.max_memory_allocated in this process instead of a child's RSS.
+``ours`` is the default dispatch (on a CPU the compiled C++ kernel, on a GPU the Triton kernels) and ``ours_torch``
+the PyTorch path on the same model. On a GPU peak memory is torch.cuda.max_memory_allocated in this process
+instead of a child's RSS.
 """
 
 from __future__ import annotations
@@ -260,8 +261,9 @@ def _token_ids(setup: Setup, length: int, seed: int) -> torch.Tensor:
 
 
 def _our_strategies(setup: Setup) -> list[tuple[str, str]]:
-    """(label, strategy): the default dispatch, plus the PyTorch path on a GPU (where the default is Triton)."""
-    return [("ours", "auto")] + ([("ours_torch", "torch")] if setup.device == "cuda" else [])
+    """(label, strategy): the default dispatch (a compiled kernel: Triton on a GPU, the C++ kernel on a CPU) and
+    the PyTorch path on the same model."""
+    return [("ours", "auto"), ("ours_torch", "torch")]
 
 
 def _with_routing(model, k: int, strategy: str, run) -> tuple:
@@ -391,7 +393,7 @@ def layer_micro(setup: Setup) -> list[dict]:
     return rows
 
 
-CALL_STRATEGIES = ("auto", "dense", "padded", "grouped")
+CALL_STRATEGIES = ("auto", "torch", "dense", "padded", "grouped")
 
 
 def layer_calls(setup: Setup) -> list[dict]:
