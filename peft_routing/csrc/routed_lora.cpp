@@ -29,14 +29,38 @@ constexpr int64_t kBlock = 4;     // pairs of one expert computed together: each
 constexpr int64_t kRanks = 4;     // ranks per shrink step: kBlock x kRanks accumulators
 constexpr int64_t kVectors = 4;   // output vectors per expand step: kBlock x kVectors accumulators
 constexpr int64_t kColumns = kVectors * kLanes;
+static_assert(kBlock * kRanks <= kLanes, "a shrink step's dot products are reduced as one vector");
 constexpr int64_t kMinFlopsPerTask = 1 << 16;  // below this, a parallel task costs more than it saves
 
 inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
-inline float lane_sum(Vec v) {
-  float s = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+
+// Horizontal sums of kLanes vectors at once: a tree of 15 two-shuffle folds instead of kLanes serial chains of adds.
+// A fold halves the partial sums per vector: in each block of 2W lanes, W partial sums of x, then W of y.
+typedef int32_t Lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+template <int64_t W, int64_t Half>
+constexpr int32_t fold_lane(int64_t l) {
+  const int64_t block = l / (2 * W) * (2 * W), pos = l % (2 * W);
+  return static_cast<int32_t>(pos < W ? block + pos + Half * W : kLanes + block + pos - W + Half * W);
+}
+template <int64_t W, int64_t Half, size_t... L>
+constexpr Lanes fold_mask(std::index_sequence<L...>) { return Lanes{fold_lane<W, Half>(L)...}; }
+template <int64_t W>
+inline Vec fold(Vec x, Vec y) {
+  constexpr Lanes first = fold_mask<W, 0>(std::make_index_sequence<kLanes>{});
+  constexpr Lanes second = fold_mask<W, 1>(std::make_index_sequence<kLanes>{});
+  return __builtin_shuffle(x, y, first) + __builtin_shuffle(x, y, second);
+}
+// The tree leaves lane i holding the vector at the bit-reversed position i, so the inputs go in bit-reversed.
+constexpr int64_t reversed4(int64_t i) { return ((i & 1) << 3) | ((i & 2) << 1) | ((i & 4) >> 1) | ((i & 8) >> 3); }
+static_assert(kLanes == 16, "lane_sums is a 4-level tree");
+// lane i of the result = the sum of v[i]'s lanes
+inline Vec lane_sums(const Vec* v) {
+  Vec u[8], s[4], q[2];
+  for (int64_t i = 0; i < 8; ++i) u[i] = fold<8>(v[reversed4(2 * i)], v[reversed4(2 * i + 1)]);
+  for (int64_t i = 0; i < 4; ++i) s[i] = fold<4>(u[2 * i], u[2 * i + 1]);
+  for (int64_t i = 0; i < 2; ++i) q[i] = fold<2>(s[2 * i], s[2 * i + 1]);
+  return fold<1>(q[0], q[1]);
 }
 
 // torch.max's order: NaN above everything, then larger values; equal keys keep the lower index.
@@ -114,9 +138,13 @@ void shrink_step(const float* const* x, const float* const* a, int64_t d_in, flo
       for (int64_t j = 0; j < kRanks; ++j) acc[m][j] += xv * av[j];
     }
   }
+  Vec all[kLanes] = {};  // the M * kRanks dot products' partial sums, then zeros
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < M * kRanks; ++i) all[i] = acc[i / kRanks][i % kRanks];
+  const Vec sums = lane_sums(all);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < kRanks; ++j) {
-      float sum = lane_sum(acc[m][j]);
+      float sum = sums[m * kRanks + j];
       for (int64_t t = c; t < d_in; ++t) sum += x[m][t] * a[j][t];
       dots[m][j] = sum;
     }
@@ -138,7 +166,9 @@ void expand_step(const float* h, const float* b_t, int64_t r, int64_t d_out, flo
       for (int64_t v = 0; v < kVectors; ++v) acc[m][v] += hm * bv[v];
     }
   }
+#pragma GCC unroll 8
   for (int64_t m = 0; m < M; ++m) {
+#pragma GCC unroll 8
     for (int64_t v = 0; v < kVectors; ++v) store(out[m] + v * kLanes, load(out[m] + v * kLanes) + acc[m][v]);
   }
 }
