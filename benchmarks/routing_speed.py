@@ -6,9 +6,9 @@ LM head does not dilute the ratios. Every timed system runs in the same loop, in
 repeat; a ratio is the median over repeats of (system time / base time of the same repeat), which cancels most of
 the machine's noise. Peak memory is the peak RSS of a fresh process that builds one system and runs one forward.
 
-    python benchmarks/routing_speed.py            # full run (~18 min on 2 cores) -> results/routing_speed.json
+    python benchmarks/routing_speed.py            # full run (~12 min on 2 cores) -> results/routing_speed.json
     python benchmarks/routing_speed.py --quick    # a smoke run on a smaller model
-    python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~7 min)
+    python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~5 min)
     python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
 
 ``ours`` is the default dispatch (on a CPU the compiled C++ kernel, on a GPU the Triton kernels) and ``ours_torch``
