@@ -79,9 +79,10 @@ def test_routes_are_select_experts_own_on_ties_and_non_finite_scores(mixing):
     want = select_experts(scores, routing)
     assert torch.equal(routes.expert_ids, want.expert_ids)
     torch.testing.assert_close(routes.weights, want.weights, equal_nan=True)
-    # a row of -inf: k distinct experts, the lowest indices (routing.top_k's max passes would repeat expert 0)
-    dead = cpu_kernel.routed_lora_(x[:1], torch.full((1, 6), float("-inf")), stack, routing, torch.zeros(1, 8))
-    assert dead.expert_ids.tolist() == [[0, 1, 2]]
+    # a row of -inf: k distinct experts, the lowest indices
+    dead_scores = torch.full((1, 6), float("-inf"))
+    dead = cpu_kernel.routed_lora_(x[:1], dead_scores, stack, routing, torch.zeros(1, 8))
+    assert dead.expert_ids.tolist() == [[0, 1, 2]] == select_experts(dead_scores, routing).expert_ids.tolist()
 
 
 def test_skewed_routing_and_thread_counts_give_the_same_result():

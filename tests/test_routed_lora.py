@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from peft_routing.config import RoutingSettings
 from peft_routing.expert_stack import ExpertStack
 from peft_routing.routed_lora import LOOPED_EXPERT_ROWS, routed_forward, sorted_layout
-from peft_routing.routing import route, routed_lora_delta
+from peft_routing.routing import route, routed_lora_delta, top_k
 
 
 def _stack(n, r_max, d_in, d_out, seed, dtype=torch.float32):
@@ -165,3 +165,19 @@ def test_standardized_scores_follow_router_training_after_the_stack_was_built():
                 layer.invalidate_expert_stack()  # a stack built from scratch: the independent answer
         want = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.sampled_from([float("-inf"), float("inf"), float("nan"), -1.0, 0.0, 1.0]),
+                           min_size=6, max_size=6), min_size=1, max_size=4),
+    k=st.integers(1, 4),
+)
+def test_top_k_orders_ties_and_non_finite_scores_as_written_out(rows, k):
+    """NaN first, then larger scores, equal scores by lower index; k distinct experts even on a row of -inf."""
+    scores = torch.tensor(rows)
+    values, indices = top_k(scores, k)
+    for row, got_values, got_indices in zip(rows, values.tolist(), indices.tolist()):
+        nan_first = sorted(range(len(row)), key=lambda j: (row[j] == row[j], -row[j] if row[j] == row[j] else 0, j))
+        assert got_indices == nan_first[:k]
+        assert [str(v) for v in got_values] == [str(row[j]) for j in nan_first[:k]]
