@@ -84,8 +84,13 @@ def routed_forward(
         strategy = "triton"
     if strategy == "triton":
         return _triton(tokens, stack, settings, out)
-    if strategy == "cpu_kernel" or (strategy == "auto" and out.is_contiguous() and cpu_kernel.supports(tokens, stack)):
-        return out, _cpu_kernel(tokens, stack, settings, out)
+    if strategy == "auto" and cpu_kernel.supports(tokens, stack, out):
+        strategy = "cpu_kernel"
+    elif strategy == "cpu_kernel" and not cpu_kernel.supports(tokens, stack, out):
+        raise ValueError("The CPU kernel takes float32 CPU tensors without autograd, a contiguous output and a C++ "
+                         "compiler to build it (see the warning, if any); use strategy 'auto' or 'torch' otherwise.")
+    if strategy == "cpu_kernel":
+        return out, cpu_kernel.routed_lora_(tokens, _scores(tokens, stack, settings.score_norm), stack, settings, out)
     if strategy in ("auto", "torch"):
         strategy = choose_strategy(tokens.shape[0] * k, stack)
     if strategy == "dense":
@@ -128,13 +133,6 @@ def _triton(tokens, stack, settings, out):
     dense = stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS
     out, (ids, weights) = launch.triton_routed_forward(tokens, stack, settings, out, dense=dense)
     return out, Routes(expert_ids=ids, weights=weights)
-
-
-def _cpu_kernel(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor) -> Routes:
-    if not (out.is_contiguous() and cpu_kernel.supports(tokens, stack)):
-        raise ValueError("The CPU kernel takes float32 CPU tensors without autograd, a contiguous output and a C++ "
-                         "compiler to build it (see the warning, if any); use strategy 'auto' or 'torch' otherwise.")
-    return cpu_kernel.routed_lora_(tokens, _scores(tokens, stack, settings.score_norm), stack, settings, out)
 
 
 def _scores(tokens: torch.Tensor, stack: ExpertStack, score_norm: str) -> torch.Tensor:
