@@ -15,8 +15,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
-#include <limits>
 #include <utility>
 #include <vector>
 
