@@ -36,11 +36,11 @@ def enabled() -> bool:
 def supports(tokens: torch.Tensor, stack: ExpertStack, out: torch.Tensor) -> bool:
     """float32 CPU tensors, a contiguous output to add into, no autograd (the kernel has no backward), and a
     kernel that builds here."""
-    if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or stack.head.dtype != torch.float32:
+    if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or stack.dtype != torch.float32:
         return False
     if not out.is_contiguous():
         return False
-    if torch.is_grad_enabled() and (tokens.requires_grad or stack.head.requires_grad or stack.b_t.requires_grad):
+    if torch.is_grad_enabled() and (tokens.requires_grad or stack.requires_grad):
         return False
     return enabled() and is_built()
 

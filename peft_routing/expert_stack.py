@@ -1,15 +1,21 @@
 """One layer's experts stacked into a few contiguous tensors, with PEFT's parameters re-pointed as views into them.
 
 The route phase needs every expert's routing vector, A and B side by side (one scoring matmul, grouped LoRA
-matmuls). Copying them would double the memory of a large library, so the stack *is* the storage: after
-``ExpertStack.build`` each ``lora_A[name].weight``, ``lora_B[name].weight`` and ``lora_route[name]`` of the layer is
-an ``nn.Parameter`` viewing a slice of the stack. PEFT's per-expert parameters stay the source of truth for every
-PEFT operation (save, merge, delete, training); the stack is rebuilt whenever the library changes.
+matmuls). Copying them would double the memory of a large library, so the stack *is* the storage: each
+``lora_A[name].weight``, ``lora_B[name].weight`` and ``lora_route[name]`` of the layer is an ``nn.Parameter``
+viewing a slot of the stack. PEFT's per-expert parameters stay the source of truth for every PEFT operation (save,
+merge, delete, training); the stack follows every library change (``ExpertStack.synced``).
 
-Layout (N experts, ranks padded with zero rows to r_max):
-  ``head``  [N + N * r_max, d_in]: the N routing vectors, then every expert's A rows (so one matmul scores the
-            tokens and computes every expert's shrink, the dense path's trick);
-  ``b_t``   [N, r_max, d_out]: every expert's B transposed (rows of the expand matmul).
+Slots are allocated ahead (``capacity``), so that adding an expert copies only that expert in: its freshly made
+tensors are freed at once and their memory is reused by the next expert, where stacking a whole library after the
+fact would leave the host allocator with thousands of freed blocks it cannot return (benchmarks/RESULTS.md,
+memory). On a CPU unused slots cost no memory (their pages are never touched); elsewhere capacity is exact.
+
+Layout (N experts in C >= N slots, ranks padded with zero rows to r_max); the attributes are views of the first N:
+  ``vectors`` [N, d_in]          the routing vectors;
+  ``a``       [N, r_max, d_in]   every expert's A (``a_rows``: the same as [N * r_max, d_in]);
+  ``b_t``     [N, r_max, d_out]  every expert's B transposed (``b_rows``: [N * r_max, d_out], rows of the expand);
+  ``scales``  [N]                every expert's LoRA scaling.
 """
 
 from __future__ import annotations
@@ -17,41 +23,57 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .routing import standardize
 
+MIN_HOST_CAPACITY = 8  # slots of a new CPU stack; it doubles when full
 
-@dataclass
+
 class ExpertStack:
-    names: list[str]
-    head: torch.Tensor
-    b_t: torch.Tensor
-    scales: torch.Tensor  # [N], LoRA scaling of each expert
-    r_max: int
-    _standardized_vectors: torch.Tensor | None = None
-    _standardized_version: int = -1
-    _expert_views: tuple | None = None
+    def __init__(self, names: list[str], vectors: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
+                 scales: torch.Tensor) -> None:
+        """Slots: vectors [C, d_in], a [C, r_max, d_in], b_t [C, r_max, d_out], scales [C]; ``names`` fill the first."""
+        if not len(names) <= a.shape[0] == vectors.shape[0] == b_t.shape[0] == scales.shape[0]:
+            raise ValueError(f"{len(names)} experts do not fit stacks of {a.shape[0]} slots")
+        self._slots = (vectors, a, b_t, scales)
+        self.r_max = a.shape[1]
+        self._use(list(names))
 
-    def __post_init__(self) -> None:
-        self.num_experts = len(self.names)
-        self.vectors = self.head[: self.num_experts]  # [N, d_in]
-        self.a = self.head[self.num_experts :].view(self.num_experts, self.r_max, -1)  # [N, r_max, d_in]
-        self.a_rows = self.head[self.num_experts :]  # [N * r_max, d_in]
-        self.b_rows = self.b_t.view(-1, self.b_t.shape[-1])  # [N * r_max, d_out]
+    def _use(self, names: list[str]) -> None:
+        """Point the public views at the first len(names) slots (and forget what was derived from them)."""
+        vectors, a, b_t, scales = self._slots
+        n = len(names)
+        self.names, self.num_experts = names, n
+        self.vectors, self.a, self.b_t, self.scales = vectors[:n], a[:n], b_t[:n], scales[:n]
+        self.a_rows = self.a.view(n * self.r_max, a.shape[-1])
+        self.b_rows = self.b_t.view(n * self.r_max, b_t.shape[-1])
+        self._standardized_vectors, self._standardized_version, self._expert_views = None, -1, None
+
+    @property
+    def capacity(self) -> int:
+        return self._slots[1].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.vectors.requires_grad or self.a.requires_grad or self.b_t.requires_grad
 
     def standardized_vectors(self) -> torch.Tensor:
         """PHATGOOSE-normalised routing vectors, recomputed only after the vectors changed.
 
-        PEFT's parameters are views of ``head`` and share its version counter, so an in-place update (a router
-        training step, a load) bumps ``head._version`` and invalidates this cache.
+        PEFT's parameters are views of the vectors' slots and share their version counter, so an in-place update (a
+        router training step, a load) bumps it and invalidates this cache.
         """
-        if self._standardized_vectors is None or self._standardized_version != self.head._version:
+        version = self._slots[0]._version
+        if self._standardized_vectors is None or self._standardized_version != version:
             self._standardized_vectors = standardize(self.vectors)
-            self._standardized_version = self.head._version
+            self._standardized_version = version
         return self._standardized_vectors
 
     def expert_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
@@ -63,44 +85,96 @@ class ExpertStack:
             self._expert_views = (list(self.a.unbind(0)), [b.t() for b in self.b_t.unbind(0)], self.scales.tolist())
         return self._expert_views
 
-    def is_current(self, layer) -> bool:
-        """False when PEFT replaced a parameter since the build (e.g. ``model.to(...)``, dtype casting)."""
-        if list(layer.lora_A.keys()) != self.names or not self.names:
-            return False
-        # the first expert's A still is the view made at build: a replaced (moved, cast) tensor lives elsewhere,
-        # and the stack keeps its own memory alive, so the address cannot have been reused
-        return layer.lora_A[self.names[0]].weight.data_ptr() == self.a_rows.data_ptr()
+    # ------------------------------------------------------------------------------------------- following PEFT
+    @classmethod
+    def synced(cls, stack: "ExpertStack | None", layer) -> "ExpertStack | None":
+        """The stack of the layer's experts now: ``stack`` itself, with any new experts appended, where it still holds
+        the layer's parameters and they fit; otherwise a new stack (None for a layer without experts)."""
+        names = list(layer.lora_A.keys())
+        if not names:
+            return None
+        if stack is None:
+            return cls.build(layer)
+        if stack._can_take(layer, names):
+            stack._append(layer, names[stack.num_experts :])
+            return stack
+        rebuilt = cls.build(layer, capacity=stack.capacity)
+        stack._release()
+        return rebuilt
 
     @classmethod
-    def build(cls, layer) -> "ExpertStack":
-        """Stack the layer's experts and re-point their parameters as views into the stack."""
+    def build(cls, layer, capacity: int = 0) -> "ExpertStack":
+        """Stack the layer's experts into new slots (at least ``capacity``) and re-point their parameters there."""
         names = list(layer.lora_A.keys())
         reference = layer.lora_A[names[0]].weight
-        device, dtype = reference.device, reference.dtype
-        r_max = max(layer.r[n] for n in names)
-        n, d_in, d_out = len(names), layer.in_features, layer.out_features
-        # empty, not zeros: pages become resident as the experts are copied in, while the copied experts' old
-        # tensors are released, so building never holds two copies of the layer's library (only pad rows are zeroed)
-        head = torch.empty(n + n * r_max, d_in, device=device, dtype=dtype)
-        b_t = torch.empty(n, r_max, d_out, device=device, dtype=dtype)
-        stack = cls(names, head, b_t, torch.tensor([float(layer.scaling[x]) for x in names], dtype=dtype,
-                                                    device=device), r_max)
-        with torch.no_grad():
-            for j, name in enumerate(names):
-                r = layer.r[name]
-                stack.vectors[j].copy_(layer.lora_route[name])
-                stack.a[j, :r].copy_(layer.lora_A[name].weight)
-                b_t[j, :r].copy_(layer.lora_B[name].weight.t())
-                stack.a[j, r:].zero_()
-                b_t[j, r:].zero_()
-                _repoint(layer.lora_route, name, stack.vectors[j])
-                _repoint_weight(layer.lora_A[name], stack.a[j, :r])
-                _repoint_weight(layer.lora_B[name], b_t[j, :r].t())
-                if device.type == "cpu" and (j + 1) % RELEASE_EVERY == 0:
-                    _release_freed_host_memory()
-        if device.type == "cpu":
-            _release_freed_host_memory()
+        place = dict(device=reference.device, dtype=reference.dtype)
+        slots = _slot_count(max(capacity, len(names)), reference.device)
+        r_max = max(layer.r[name] for name in names)
+        stack = cls([], torch.empty(slots, layer.in_features, **place),
+                    torch.empty(slots, r_max, layer.in_features, **place),
+                    torch.empty(slots, r_max, layer.out_features, **place), torch.empty(slots, **place))
+        stack._append(layer, names)
         return stack
+
+    def _release(self) -> None:
+        """Free this (replaced) stack's memory now, not whenever the caller drops it: its parameters view a new one."""
+        host = self.a.device.type == "cpu"
+        self._slots = self.vectors = self.a = self.b_t = self.scales = self.a_rows = self.b_rows = None
+        self._standardized_vectors = self._expert_views = None
+        self.names, self.num_experts = [], 0
+        if host:
+            _release_freed_host_memory()
+
+    def holds_parameters_of(self, layer) -> bool:
+        """False when PEFT replaced a stacked parameter since (``model.to(...)``, a dtype cast): checked on the first
+        and the last expert, the ones such operations touch first and last."""
+        if not self.names or any(name not in layer.lora_A for name in (self.names[0], self.names[-1])):
+            return False
+        for j in {0, self.num_experts - 1}:
+            name = self.names[j]
+            if (layer.lora_A[name].weight.data_ptr() != self.a[j].data_ptr()
+                    or layer.lora_B[name].weight.data_ptr() != self.b_t[j].data_ptr()
+                    or layer.lora_route[name].data_ptr() != self.vectors[j].data_ptr()):
+                return False
+        return True
+
+    def _can_take(self, layer, names: list[str]) -> bool:
+        """The layer's experts are this stack's, in order, followed by new ones that fit the free slots."""
+        if names[: self.num_experts] != self.names or not self.holds_parameters_of(layer):
+            return False
+        new = names[self.num_experts :]
+        return len(names) <= self.capacity and all(
+            layer.r[name] <= self.r_max and layer.lora_A[name].weight.device == self.a.device for name in new)
+
+    def _append(self, layer, new: list[str]) -> None:
+        """Copy the new experts into the next slots and re-point their parameters there."""
+        vectors, a, b_t, scales = self._slots
+        start = self.num_experts
+        host = a.device.type == "cpu"
+        with torch.no_grad():
+            for j, name in enumerate(new, start):
+                r = layer.r[name]
+                vectors[j].copy_(layer.lora_route[name])
+                a[j, :r].copy_(layer.lora_A[name].weight)
+                b_t[j, :r].copy_(layer.lora_B[name].weight.t())
+                a[j, r:].zero_()
+                b_t[j, r:].zero_()
+                scales[j] = float(layer.scaling[name])
+                _repoint(layer.lora_route, name, vectors[j])
+                _repoint_weight(layer.lora_A[name], a[j, :r])
+                _repoint_weight(layer.lora_B[name], b_t[j, :r].t())
+                if host and (j - start + 1) % RELEASE_EVERY == 0:
+                    _release_freed_host_memory()
+        if host and len(new) > 1:
+            _release_freed_host_memory()
+        self._use(self.names + new)
+
+
+def _slot_count(n: int, device: torch.device) -> int:
+    """Slots for n experts: the next power of two on a CPU (untouched slots cost nothing there), exactly n elsewhere."""
+    if device.type != "cpu":
+        return n
+    return max(MIN_HOST_CAPACITY, 1 << (n - 1).bit_length())
 
 
 RELEASE_EVERY = 16  # experts copied between two releases of the freed ones' host memory

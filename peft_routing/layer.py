@@ -37,15 +37,24 @@ class RoutingLinear(LoraLinear):
     routing_observer = None
     _expert_stack: ExpertStack | None = None
 
-    def invalidate_expert_stack(self) -> None:
-        """Forget the stacked views; the next route-phase forward rebuilds them (after any library change)."""
-        self._expert_stack = None
+    def sync_expert_stack(self) -> None:
+        """Follow a library change at once: new experts are copied into the stack while their memory is fresh."""
+        self._expert_stack = ExpertStack.synced(self._expert_stack, self)
 
     def expert_stack(self) -> ExpertStack:
-        """The layer's experts stacked for the route phase, rebuilt only when the library changed."""
-        if self._expert_stack is None or not self._expert_stack.is_current(self):
-            self._expert_stack = ExpertStack.build(self)
-        return self._expert_stack
+        """The layer's experts stacked for the route phase, synced only when the library or its tensors changed."""
+        stack = self._expert_stack
+        if stack is None or list(self.lora_A.keys()) != stack.names or not stack.holds_parameters_of(self):
+            stack = self._expert_stack = ExpertStack.synced(stack, self)
+        return stack
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if self._expert_stack is not None and not self._expert_stack.holds_parameters_of(self):
+            # model.to(...)/.half() gave the parameters new tensors: free the stale stack now rather than keep a
+            # second copy of the library alive until the next route-phase forward restacks them
+            self._expert_stack = None
+        return module
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         if not hasattr(self, "lora_route"):
@@ -90,8 +99,8 @@ class RoutingLinear(LoraLinear):
         if not self.lora_A:
             return result
         stack = self.expert_stack()
-        tokens = self._cast_input_dtype(x, stack.head.dtype).reshape(-1, x.shape[-1])
-        if result.dtype == stack.head.dtype and result.is_contiguous() and not torch.is_grad_enabled():
+        tokens = self._cast_input_dtype(x, stack.dtype).reshape(-1, x.shape[-1])
+        if result.dtype == stack.dtype and result.is_contiguous() and not torch.is_grad_enabled():
             _, routes = routed_forward(tokens, stack, self.routing_settings, self.routing_strategy,
                                        out=result.view(-1, result.shape[-1]))
         else:

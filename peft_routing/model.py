@@ -176,7 +176,7 @@ class RoutingLoraModel(LoraModel):
     def _apply_phase(self, library_changed: bool = False) -> None:
         """Push the phase to every layer and set requires_grad for exactly the parameters it trains.
 
-        The layers' stacked expert views are rebuilt only after a library change, not on a phase switch, and the
+        The layers' expert stacks follow a library change at once (not on a phase switch), and the
         requires_grad walk (O(layers x experts)) is skipped when the flags it would set are already in place, so that
         switching route settings (top_k, ...) between forwards costs next to nothing.
         """
@@ -193,7 +193,7 @@ class RoutingLoraModel(LoraModel):
         for layer in self._routing_layers():
             layer.routing_phase, layer.routing_settings = phase, settings
             if library_changed:
-                layer.invalidate_expert_stack()
+                layer.sync_expert_stack()
             if grads == self._grads_applied:
                 continue
             for name in layer.lora_A:

@@ -4,8 +4,8 @@ Strategies, chosen per call by ``choose_strategy`` (thresholds measured with ben
 forced with ``model.set_routing_strategy``. Two are compiled kernels, the default wherever they run: ``triton``
 (``kernels/``, CUDA tensors) and ``cpu_kernel`` (``cpu_kernel.py``, float32 CPU tensors without autograd, where a
 C++ compiler is found). The others are PyTorch ops, what "auto" picks from when no kernel applies:
-  * dense   (N * r_max small): one matmul against [V; A_1..A_N] gives the scores and every expert's shrink, the
-            routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
+  * dense   (N * r_max small): one matmul against V scores, one against [A_1..A_N] gives every expert's shrink,
+            the routing weights mask the rank columns, one matmul against [B_1..B_N] expands. No sorting.
   * sorted  (large libraries): the T*k (token, expert) pairs are sorted by expert once, then (``sorted_layout``)
       padded:  every expert's run padded to the longest, [N, C, d_in]; two batched matmuls shrink and expand all
                experts at once; index_add scatters back;
@@ -62,7 +62,7 @@ def grouped_mm_supported(tokens: torch.Tensor, stack: ExpertStack) -> bool:
         return False
     if tokens.is_cuda and torch.cuda.get_device_capability(tokens.device) < (9, 0):
         return False
-    dims = (stack.head.shape[-1], stack.r_max, stack.b_t.shape[-1])
+    dims = (stack.a.shape[-1], stack.r_max, stack.b_t.shape[-1])
     return all(d * tokens.element_size() % 16 == 0 for d in dims)
 
 
@@ -75,8 +75,7 @@ def routed_forward(
     """
     if out is None:
         out = tokens.new_zeros(tokens.shape[0], stack.b_t.shape[-1])
-    n = stack.num_experts
-    k = min(settings.top_k, n)
+    k = min(settings.top_k, stack.num_experts)
     if tokens.shape[0] == 0:
         empty = torch.empty(0, k, dtype=torch.long, device=tokens.device)
         return out, Routes(expert_ids=empty, weights=empty.to(tokens.dtype))
@@ -94,11 +93,8 @@ def routed_forward(
     if strategy in ("auto", "torch"):
         strategy = choose_strategy(tokens.shape[0] * k, stack)
     if strategy == "dense":
-        both = tokens @ stack.head.t()  # scores and every expert's shrink in one pass over the tokens
-        scores, shrunk = both[:, :n], both[:, n:]
-        if settings.score_norm == "standardize":
-            scores = _standardized_scores(tokens, stack)
-        routes = select_experts(scores, settings)
+        routes = select_experts(_scores(tokens, stack, settings.score_norm), settings)
+        shrunk = torch.nn.functional.linear(tokens, stack.a_rows)  # every expert's shrink
         return _dense_expand(shrunk, routes, stack, out), routes
     if strategy == "gather" and tokens.shape[0] * k <= FEW_PAIRS:
         decoded = _few_pairs(tokens, stack, settings, out)

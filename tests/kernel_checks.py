@@ -22,9 +22,9 @@ from hypothesis import strategies as st  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels import launch  # noqa: E402
 from peft_routing.config import RoutingSettings  # noqa: E402
-from peft_routing.expert_stack import ExpertStack  # noqa: E402
 from peft_routing.routed_lora import routed_forward  # noqa: E402
 from peft_routing.routing import route_scores, select_experts  # noqa: E402
+from stacks import converted, random_stack  # noqa: E402
 
 MAX_EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 SHIPPED_TALL_FROM = launch.TALL_FROM_TOKENS
@@ -32,12 +32,10 @@ COMPARED = []  # cases that reached a comparison (a check that compares nothing 
 
 
 def _stack(n, r_max, d_in, d_out, seed, dtype):
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randn(n + n * r_max, d_in, generator=g)
-    head[:n] *= 4  # spread the scores so that near-ties are rare
-    b_t = torch.randn(n, r_max, d_out, generator=g) * 0.1
-    scales = torch.rand(n, generator=g) + 0.5
-    return ExpertStack([f"e{i}" for i in range(n)], *(t.to(DEVICE, dtype) for t in (head, b_t, scales)), r_max)
+    stack = random_stack(n, r_max, d_in, d_out, seed, spare_slots=seed % 3)
+    stack.vectors.mul_(4)  # spread the scores so that near-ties are rare
+    stack.b_t.mul_(0.1)
+    return converted(stack, device=DEVICE, dtype=dtype)
 
 
 def _randn(rows, cols, seed) -> torch.Tensor:
@@ -89,7 +87,7 @@ def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, m
     if not _margin_ok(x, stack.vectors, routing):
         return
     base = _randn(tokens, d_out, seed + 1)
-    float_stack = ExpertStack(stack.names, stack.head.float(), stack.b_t.float(), stack.scales.float(), r_max)
+    float_stack = converted(stack, dtype=torch.float32)
     want, _ = routed_forward(x.float(), float_stack, routing, "loop", out=base.clone())
     got, _ = launch.triton_routed_forward(x.float(), float_stack, routing, base.clone(), dense=dense)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)

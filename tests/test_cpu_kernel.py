@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import ExpertTensors, routed_delta, score_margin, token_scores
+from stacks import converted, random_stack
 
 from peft_routing import cpu_kernel
 from peft_routing.config import RoutingSettings
@@ -22,15 +23,7 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
 
 
 def _stack(n, r_max, d_in, d_out, seed, ranks=None):
-    """A stack whose expert j has rank ranks[j] (zero rows above it, as ExpertStack.build pads them)."""
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randn(n + n * r_max, d_in, generator=g)
-    b_t = torch.randn(n, r_max, d_out, generator=g)
-    stack = ExpertStack([f"e{i}" for i in range(n)], head, b_t, torch.rand(n, generator=g) + 0.5, r_max)
-    for j, r in enumerate(ranks or []):
-        stack.a[j, r:].zero_()
-        b_t[j, r:].zero_()
-    return stack
+    return random_stack(n, r_max, d_in, d_out, seed, ranks=ranks, spare_slots=seed % 3)
 
 
 def _experts(stack):
@@ -128,7 +121,7 @@ def test_auto_uses_the_kernel_only_where_it_applies(monkeypatch):
 
 
 def _double(stack):
-    return ExpertStack(stack.names, stack.head.double(), stack.b_t.double(), stack.scales.double(), stack.r_max)
+    return converted(stack, dtype=torch.float64)
 
 
 def test_a_failed_build_warns_once_and_the_pytorch_path_runs(monkeypatch):

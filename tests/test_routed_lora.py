@@ -7,6 +7,7 @@ import torch
 from conftest import make_library, token_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stacks import random_stack
 
 from peft_routing.config import RoutingSettings
 from peft_routing.expert_stack import ExpertStack
@@ -15,11 +16,7 @@ from peft_routing.routing import route, routed_lora_delta, top_k
 
 
 def _stack(n, r_max, d_in, d_out, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randn(n + n * r_max, d_in, generator=g).to(dtype)
-    b_t = torch.randn(n, r_max, d_out, generator=g).to(dtype)
-    scales = (torch.rand(n, generator=g) + 0.5).to(dtype)
-    return ExpertStack([f"e{i}" for i in range(n)], head, b_t, scales, r_max)
+    return random_stack(n, r_max, d_in, d_out, seed, dtype, spare_slots=seed % 3)
 
 
 def _reference(tokens, stack, routing):
@@ -119,7 +116,7 @@ def test_stack_parameters_are_views_and_rebuilt_after_library_changes():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     stack = layer.expert_stack()
     # PEFT's parameters share memory with the stack: no second copy of the library
-    assert layer.lora_A["expert_1"].weight.untyped_storage().data_ptr() == stack.head.untyped_storage().data_ptr()
+    assert layer.lora_A["expert_1"].weight.untyped_storage().data_ptr() == stack.a.untyped_storage().data_ptr()
     # an in-place edit through PEFT's parameter is seen by the route phase at once
     with torch.no_grad():
         for module in model.modules():
@@ -161,8 +158,8 @@ def test_standardized_scores_follow_router_training_after_the_stack_was_built():
     with torch.no_grad():
         got = model(input_ids=ids).logits
         for layer in model.modules():
-            if hasattr(layer, "invalidate_expert_stack"):
-                layer.invalidate_expert_stack()  # a stack built from scratch: the independent answer
+            if hasattr(layer, "_expert_stack"):
+                layer._expert_stack = None  # forgotten: the next forward stacks from scratch, the independent answer
         want = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
