@@ -22,6 +22,9 @@ from .expert_stack import ExpertStack
 from .routed_lora import routed_forward
 
 PHASES = ("expert", "router", "route")
+# PEFT gives every adapter of every layer its own nn.Identity when lora_dropout is 0: ~2 KB of Python objects each,
+# 14 MiB for 256 experts on a 28-module model. It holds no state, so the experts without dropout share this one.
+NO_DROPOUT = nn.Identity()
 
 
 class RoutingLinear(LoraLinear):
@@ -62,6 +65,8 @@ class RoutingLinear(LoraLinear):
         # Created before LoRA's update_layer so that its device/dtype move and set_adapter cover the vector too.
         self.lora_route[adapter_name] = nn.Parameter(torch.zeros(self.in_features))
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if type(self.lora_dropout[adapter_name]) is nn.Identity:
+            self.lora_dropout[adapter_name] = NO_DROPOUT
 
     @property
     def expert_names(self) -> list[str]:

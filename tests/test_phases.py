@@ -161,3 +161,19 @@ def test_invalid_config_values_raise_at_construction(overrides, message):
     if routing_only:
         with pytest.raises(ValueError, match=message):
             model.set_phase("route", **routing_only)
+
+
+def test_experts_without_dropout_share_one_identity_and_dropout_still_applies_where_set():
+    model = make_library("llama", n_experts=2)
+    model.add_adapter("dropped", expert_config("llama", lora_dropout=0.5))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_dropout["expert_0"] is layer.lora_dropout["expert_1"]
+    assert isinstance(layer.lora_dropout["dropped"], torch.nn.Dropout) and layer.lora_dropout["dropped"].p == 0.5
+    model.set_phase("expert", "dropped")
+    model.train()
+    ids = token_batch()
+    torch.manual_seed(0)
+    first = model(input_ids=ids).logits
+    assert not torch.equal(first, model(input_ids=ids).logits)  # dropout draws a new mask each forward
+    model.set_phase("expert", "expert_1")
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
