@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import launch  # noqa: E402
 from peft_routing.config import RoutingSettings  # noqa: E402
-from peft_routing.expert_stack import ExpertStack  # noqa: E402
 from peft_routing.routed_lora import routed_forward  # noqa: E402
+from routing_speed import random_stack  # noqa: E402
 
 CONFIGS = {  # token count from which the launcher uses its tall tiles: never, always, and as shipped
     "small": 10**9,
@@ -86,8 +86,7 @@ def main() -> None:
         base = graph_ms(lambda: torch.matmul(x, weight.t(), out=out))
         for n in args.sizes:
             r = args.rank
-            stack = ExpertStack([f"e{i}" for i in range(n)], (torch.randn(n + n * r, args.d_in) / 32).to(**place),
-                                (torch.randn(n, r, args.d_out) / 4).to(**place), torch.full((n,), 2.0).to(**place), r)
+            stack = random_stack(n, r, args.d_in, args.d_out, seed=n, **place)
             row = {"tokens": tokens, "N": n, "base_ms": base}
 
             def routed(strategy):

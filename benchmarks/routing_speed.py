@@ -363,6 +363,14 @@ def floor_ratio(setup: Setup, n: int, k: int, base_seconds: float, bandwidth: fl
 LAYER_STRATEGIES = ("auto", "torch", "dense", "padded", "grouped", "loop")
 
 
+def random_stack(n: int, r: int, d_in: int, d_out: int, seed: int, **place) -> ExpertStack:
+    """n random experts of rank r, scaled like trained ones (LoRA scaling 2), for the layer-level benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    vectors, a = torch.randn(n, d_in, generator=g) / 32, torch.randn(n, r, d_in, generator=g) / 32
+    b_t, scales = torch.randn(n, r, d_out, generator=g) / 4, torch.full((n,), 2.0)
+    return ExpertStack([f"e{i}" for i in range(n)], *(t.to(**place) for t in (vectors, a, b_t, scales)))
+
+
 def _synced(tensor: torch.Tensor) -> torch.Tensor:
     _synchronize(tensor.device)
     return tensor
@@ -377,10 +385,7 @@ def layer_micro(setup: Setup) -> list[dict]:
     bandwidth = memory_bandwidth(setup.device)
     rows = []
     for n in setup.library_sizes:
-        g = torch.Generator().manual_seed(n)
-        stack = ExpertStack([f"e{i}" for i in range(n)], (torch.randn(n + n * r, d_in, generator=g) / 32).to(**place),
-                            (torch.randn(n, r, d_out, generator=g) / 4).to(**place), torch.full((n,), 2.0).to(**place),
-                            r)
+        stack = random_stack(n, r, d_in, d_out, seed=n, **place)
         routing = RoutingSettings(top_k=k)
         systems = {"base": lambda: _synced(x @ weight.t())}
         for strategy in LAYER_STRATEGIES + (("triton",) if setup.device == "cuda" else ()):
