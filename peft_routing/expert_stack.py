@@ -91,8 +91,8 @@ class ExpertStack:
         """The stack of the layer's experts now: ``stack`` itself, with any new experts appended, where it still holds
         the layer's parameters and they fit; otherwise a new stack (None for a layer without experts)."""
         names = list(layer.lora_A.keys())
-        if not names:
-            return None
+        if not names or any(_holds_no_data(layer, name) for name in names):
+            return None  # PEFT's low_cpu_mem_usage loading: stacked by the first forward after the weights arrive
         if stack is None:
             return cls.build(layer)
         if stack._can_take(layer, names):
@@ -168,6 +168,10 @@ class ExpertStack:
         if host and len(new) > 1:
             _release_freed_host_memory()
         self._use(self.names + new)
+
+
+def _holds_no_data(layer, name: str) -> bool:
+    return any(t.is_meta for t in (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_route[name]))
 
 
 def _slot_count(n: int, device: torch.device) -> int:

@@ -115,3 +115,24 @@ def test_moving_the_model_frees_the_stale_stack():
     assert layer._expert_stack is None
     model.set_phase("route", top_k=TOP_K)
     _assert_route_output_is_the_reference(layer.to(torch.float32), seed=0)
+
+
+def test_peft_low_cpu_mem_usage_loading_is_stacked_once_the_weights_arrive(tmp_path):
+    """PEFT then creates the new expert's tensors on the meta device and assigns the loaded ones afterwards."""
+    from conftest import make_base, token_batch
+    from peft import PeftModel
+
+    model = make_library("llama", n_experts=3)
+    model.set_phase("route", top_k=TOP_K)
+    ids = token_batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_base("llama", 0), tmp_path / "expert_0", adapter_name="expert_0",
+                                       low_cpu_mem_usage=True)
+    for name in ("expert_1", "expert_2"):
+        loaded.load_adapter(tmp_path / name, adapter_name=name, low_cpu_mem_usage=True)
+    loaded.set_phase("route", top_k=TOP_K)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    _assert_parameters_view_the_stack(_layer(loaded), _layer(loaded).expert_stack())
