@@ -51,6 +51,9 @@ class ExpertStack:
         self.a_rows = self.a.view(n * self.r_max, a.shape[-1])
         self.b_rows = self.b_t.view(n * self.r_max, b_t.shape[-1])
         self._standardized_vectors, self._standardized_version, self._expert_views = None, -1, None
+        # where the first and the last expert's A, B and vector start (holds_parameters_of compares them)
+        self._checked = [(names[j], tuple(t[j].data_ptr() for t in (self.a, self.b_t, self.vectors)))
+                         for j in sorted({0, n - 1})] if n else []
 
     @property
     def capacity(self) -> int:
@@ -121,22 +124,21 @@ class ExpertStack:
         host = self.a.device.type == "cpu"
         self._slots = self.vectors = self.a = self.b_t = self.scales = self.a_rows = self.b_rows = None
         self._standardized_vectors = self._expert_views = None
-        self.names, self.num_experts = [], 0
+        self.names, self.num_experts, self._checked = [], 0, []
         if host:
             _release_freed_host_memory()
 
     def holds_parameters_of(self, layer) -> bool:
         """False when PEFT replaced a stacked parameter since (``model.to(...)``, a dtype cast): checked on the first
-        and the last expert, the ones such operations touch first and last."""
-        if not self.names or any(name not in layer.lora_A for name in (self.names[0], self.names[-1])):
+        and the last expert, the ones such operations touch first and last. Runs on every route call, so the
+        addresses to compare are computed once per library change (``_use``)."""
+        lora_a, lora_b, vectors = layer.lora_A, layer.lora_B, layer.lora_route
+        try:
+            return bool(self._checked) and all(
+                (lora_a[name].weight.data_ptr(), lora_b[name].weight.data_ptr(), vectors[name].data_ptr()) == where
+                for name, where in self._checked)
+        except (KeyError, AttributeError):  # an expert left the layer
             return False
-        for j in {0, self.num_experts - 1}:
-            name = self.names[j]
-            if (layer.lora_A[name].weight.data_ptr() != self.a[j].data_ptr()
-                    or layer.lora_B[name].weight.data_ptr() != self.b_t[j].data_ptr()
-                    or layer.lora_route[name].data_ptr() != self.vectors[j].data_ptr()):
-                return False
-        return True
 
     def _can_take(self, layer, names: list[str]) -> bool:
         """The layer's experts are this stack's, in order, followed by new ones that fit the free slots."""
