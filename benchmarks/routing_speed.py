@@ -557,6 +557,20 @@ def _print_whole(result) -> None:
         peak = result["peak_rss_mib"].get(name)
         print(f"{name:<22} {row['ms']:8.1f} {row['ratio']:7.2f} {'' if peak is None else f'{peak:9.0f}'}")
     print(f"one expert = {result['expert_mib']:.2f} MiB")
+    _print_memory_growth(result["peak_rss_mib"], result["expert_mib"])
+
+
+def _print_memory_growth(peaks: dict[str, float], expert_mib: float) -> None:
+    """The memory target: peak at the largest library minus the smallest (N > 1), against the added weights."""
+    sizes = sorted(int(name.split("N=")[1].split(",")[0]) for name in peaks if name.startswith("ours:"))
+    sizes = [n for n in sizes if n > 1]
+    if len(sizes) < 2:
+        return
+    small, large = sizes[0], sizes[-1]
+    grown = peaks[f"ours:N={large},k=2"] - peaks[f"ours:N={small},k=2"]
+    weights = (large - small) * expert_mib
+    print(f"peak N={large} - N={small} = {grown:.0f} MiB; the {large - small} added experts weigh {weights:.0f} MiB "
+          f"({(grown - weights) / weights:+.1%})")
 
 
 def _print_decode(rows) -> None:
