@@ -93,6 +93,8 @@ class ExpertStack:
     def synced(cls, stack: "ExpertStack | None", layer) -> "ExpertStack | None":
         """The stack of the layer's experts now: ``stack`` itself, with any new experts appended, where it still holds
         the layer's parameters and they fit; otherwise a new stack (None for a layer without experts)."""
+        if stack is not None and stack.follows(layer):
+            return stack
         names = list(layer.lora_A.keys())
         if not names or any(_holds_no_data(layer, name) for name in names):
             return None  # PEFT's low_cpu_mem_usage loading: stacked by the first forward after the weights arrive
@@ -101,9 +103,7 @@ class ExpertStack:
         if stack._can_take(layer, names):
             stack._append(layer, names[stack.num_experts :])
             return stack
-        rebuilt = cls.build(layer, capacity=stack.capacity)
-        stack._release()
-        return rebuilt
+        return cls.build(layer, capacity=stack.capacity)
 
     @classmethod
     def build(cls, layer, capacity: int = 0) -> "ExpertStack":
@@ -119,14 +119,10 @@ class ExpertStack:
         stack._append(layer, names)
         return stack
 
-    def _release(self) -> None:
-        """Free this (replaced) stack's memory now, not whenever the caller drops it: its parameters view a new one."""
-        host = self.a.device.type == "cpu"
-        self._slots = self.vectors = self.a = self.b_t = self.scales = self.a_rows = self.b_rows = None
-        self._standardized_vectors = self._expert_views = None
-        self.names, self.num_experts, self._checked = [], 0, []
-        if host:
-            _release_freed_host_memory()
+    def follows(self, layer) -> bool:
+        """The stack holds exactly the layer's experts, in order, and their parameters still view it (checked on
+        every route call, so it costs a name comparison and six addresses)."""
+        return list(layer.lora_A.keys()) == self.names and self.holds_parameters_of(layer)
 
     def holds_parameters_of(self, layer) -> bool:
         """False when PEFT replaced a stacked parameter since (``model.to(...)``, a dtype cast): checked on the first
@@ -166,9 +162,9 @@ class ExpertStack:
                 _repoint_weight(layer.lora_A[name], a[j, :r])
                 _repoint_weight(layer.lora_B[name], b_t[j, :r].t())
                 if host and (j - start + 1) % RELEASE_EVERY == 0:
-                    _release_freed_host_memory()
+                    release_freed_host_memory()
         if host and len(new) > 1:
-            _release_freed_host_memory()
+            release_freed_host_memory()
         self._use(self.names + new)
 
 
@@ -195,7 +191,7 @@ def _malloc_trim():
         return None
 
 
-def _release_freed_host_memory() -> None:
+def release_freed_host_memory() -> None:
     """Give the replaced per-expert tensors' memory back to the OS (glibc keeps small freed blocks otherwise).
 
     Without it the process keeps both the old parameters and the stack resident: twice the library's memory.

@@ -18,7 +18,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from .config import RoutingSettings
-from .expert_stack import ExpertStack
+from .expert_stack import ExpertStack, release_freed_host_memory
 from .routed_lora import routed_forward
 
 PHASES = ("expert", "router", "route")
@@ -42,14 +42,19 @@ class RoutingLinear(LoraLinear):
 
     def sync_expert_stack(self) -> None:
         """Follow a library change at once: new experts are copied into the stack while their memory is fresh."""
-        self._expert_stack = ExpertStack.synced(self._expert_stack, self)
+        replaced = self._expert_stack
+        self._expert_stack = ExpertStack.synced(replaced, self)
+        if replaced is not None and replaced is not self._expert_stack:
+            on_host = replaced.a.device.type == "cpu"
+            del replaced  # the layer held the last reference: the replaced stack's slots are freed here
+            if on_host:
+                release_freed_host_memory()
 
     def expert_stack(self) -> ExpertStack:
         """The layer's experts stacked for the route phase, synced only when the library or its tensors changed."""
-        stack = self._expert_stack
-        if stack is None or list(self.lora_A.keys()) != stack.names or not stack.holds_parameters_of(self):
-            stack = self._expert_stack = ExpertStack.synced(stack, self)
-        return stack
+        if self._expert_stack is None or not self._expert_stack.follows(self):
+            self.sync_expert_stack()
+        return self._expert_stack
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)

@@ -4,9 +4,10 @@ or is rebuilt when they do not fit, and PEFT's parameters always view the stack 
 from __future__ import annotations
 
 import torch
-from conftest import expert_config, make_library
+from conftest import expert_config, make_base, make_library, token_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peft import PeftModel
 from reference import ExpertTensors, routed_delta, score_margin, token_scores
 
 from peft_routing.expert_stack import ExpertStack
@@ -29,7 +30,8 @@ def _assert_parameters_view_the_stack(layer, stack: ExpertStack) -> None:
     for j, name in enumerate(stack.names):
         r, tensors = layer.r[name], _expert_tensors(layer, name)
         assert {t.untyped_storage().data_ptr() for t in tensors.values()} <= storages
-        assert tensors["A"].data_ptr() == stack.a[j].data_ptr() and tensors["v"].data_ptr() == stack.vectors[j].data_ptr()
+        assert tensors["A"].data_ptr() == stack.a[j].data_ptr()
+        assert tensors["v"].data_ptr() == stack.vectors[j].data_ptr()
         assert tensors["B"].data_ptr() == stack.b_t[j].data_ptr()
         assert torch.equal(stack.a[j, :r], tensors["A"]) and torch.equal(stack.b_t[j, :r].t(), tensors["B"])
         assert not stack.a[j, r:].any() and not stack.b_t[j, r:].any()
@@ -119,9 +121,6 @@ def test_moving_the_model_frees_the_stale_stack():
 
 def test_peft_low_cpu_mem_usage_loading_is_stacked_once_the_weights_arrive(tmp_path):
     """PEFT then creates the new expert's tensors on the meta device and assigns the loaded ones afterwards."""
-    from conftest import make_base, token_batch
-    from peft import PeftModel
-
     model = make_library("llama", n_experts=3)
     model.set_phase("route", top_k=TOP_K)
     ids = token_batch()
