@@ -23,6 +23,11 @@ def _expert_tensors(layer, name) -> dict[str, torch.Tensor]:
     return {"A": layer.lora_A[name].weight, "B": layer.lora_B[name].weight, "v": layer.lora_route[name]}
 
 
+def _copied_tensors(layer, name) -> dict[str, torch.Tensor]:
+    """The expert's values now, detached from the stack (which later steps may move)."""
+    return {k: t.detach().clone() for k, t in _expert_tensors(layer, name).items()}
+
+
 def _assert_parameters_view_the_stack(layer, stack: ExpertStack) -> None:
     """Every expert's A, B and routing vector is its slot of the stack (same memory), pad rows are zero."""
     assert stack.names == list(layer.lora_A.keys())
@@ -64,7 +69,7 @@ def test_the_stack_follows_adds_removals_and_replaced_tensors_and_keeps_every_va
     model = make_library("llama", n_experts=start, ranks=[4, 2])
     model.set_phase("route", top_k=TOP_K)
     layer = _layer(model)
-    values = {name: {k: t.detach().clone() for k, t in _expert_tensors(layer, name).items()} for name in layer.lora_A}
+    values = {name: _copied_tensors(layer, name) for name in layer.lora_A}
     added = start
     for step, (operation, argument) in enumerate(operations):
         if operation == "add":
@@ -73,7 +78,7 @@ def test_the_stack_follows_adds_removals_and_replaced_tensors_and_keeps_every_va
             model.add_adapter(name, expert_config("llama", argument))
             with torch.no_grad():
                 layer.lora_route[name].normal_()
-            values[name] = {k: t.detach().clone() for k, t in _expert_tensors(layer, name).items()}
+            values[name] = _copied_tensors(layer, name)
         elif operation == "remove" and len(values) > 1:
             name = list(values)[argument % len(values)]
             model.remove_expert(name)
