@@ -24,29 +24,41 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import peft_routing  # noqa: E402,F401
 from continual_baselines import (  # noqa: E402
-    MERGES, accuracy_with_choices, add_merged_expert, general_with_choices, mr_lora_choices, repro_choices,
-    repro_prototypes, router_examples,
+    MERGES,
+    accuracy_with_choices,
+    add_merged_expert,
+    general_with_choices,
+    mr_lora_choices,
+    repro_choices,
+    repro_prototypes,
+    router_examples,
 )
 from continual_report import cost_table, growth_table, method_table, order_table, transfer  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 
+import peft_routing  # noqa: E402,F401
 from peft_routing import RoutingLoraConfig  # noqa: E402
-from peft_routing.atomic import write_json_atomic  # noqa: E402
-from peft_routing.demo_tasks import capital_questions, make_task  # noqa: E402
-from peft_routing.diagnostics import plot_routing, routing_shares  # noqa: E402
-from peft_routing.evaluation import answer_accuracy, choice_accuracy  # noqa: E402
-from peft_routing.base_models import load_base_model  # noqa: E402
-from peft_routing.image_tasks import caption_questions  # noqa: E402
-from peft_routing.training import learn_task, train_expert  # noqa: E402
+from peft_routing.demo.base_models import load_base_model  # noqa: E402
+from peft_routing.demo.image_tasks import caption_questions  # noqa: E402
+from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
+from peft_routing.io import write_json_atomic  # noqa: E402
+from peft_routing.workflow import (  # noqa: E402  # noqa: E402  # noqa: E402
+    answer_accuracy,
+    choice_accuracy,
+    learn_task,
+    plot_routing,
+    routing_shares,
+    train_expert,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("PEFT_ROUTING_CACHE", Path.home() / ".cache" / "peft-routing")) / "continual"
@@ -105,7 +117,7 @@ class Store:
     def scores_file(self) -> Path:
         return self.root / "scores.json"
 
-    def adapter(self, key: str) -> Optional[tuple[Path, dict[str, Any]]]:
+    def adapter(self, key: str) -> tuple[Path, dict[str, Any]] | None:
         meta = self.root / "meta" / f"{key}.json"
         if not meta.is_file():  # the meta file is written after the folder: no meta, no (complete) adapter
             return None
@@ -145,7 +157,7 @@ class Bench:
                                  layers_to_transform=list(range(layers - self.settings.top_layers, layers)), top_k=1,
                                  language_model_only=self.settings.base != "smollm2")
 
-    def _expert_args(self, steps: Optional[int] = None) -> dict[str, Any]:
+    def _expert_args(self, steps: int | None = None) -> dict[str, Any]:
         s = self.settings
         return dict(max_steps=steps or s.expert_steps, learning_rate=s.expert_lr, lr_scheduler_type="constant",
                     per_device_train_batch_size=s.batch_size, seed=s.seed, disable_tqdm=True, logging_steps=10)
@@ -175,8 +187,8 @@ class Bench:
                     examples=(report.expert.steps + report.router.steps) * self.settings.batch_size)
         return self.store.put_adapter(key, model, task, meta)
 
-    def lora(self, kind: str, name: str, examples, steps: int, start: Optional[Path] = None,
-             extra: Optional[dict[str, Any]] = None) -> tuple[Path, dict[str, Any]]:
+    def lora(self, kind: str, name: str, examples, steps: int, start: Path | None = None,
+             extra: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
         """A plain LoRA (stage 1 only): Seq-FT stages, MTL, MR-LoRA's router. ``start`` continues a saved one."""
         key = cache_key(dict(kind=kind, **self._training_id(), lora_steps=steps, start=start.name if start else None,
                              **(extra or {})))
@@ -395,8 +407,8 @@ def growth_matrix(bench: Bench, order: list[str]) -> list[list[float]]:
 def mr_lora(bench: Bench, tasks: list[str], experts):
     s = bench.settings
     replay = router_examples([bench.tasks[t] for t in tasks], s.replay_per_task)
-    folder, meta = bench.lora("mr_router", "mr_router", replay, s.router_lora_steps, extra={"tasks": tasks,
-                                                                                             "replay": s.replay_per_task})
+    folder, meta = bench.lora("mr_router", "mr_router", replay, s.router_lora_steps,
+                              extra={"tasks": tasks, "replay": s.replay_per_task})
     state: dict[str, Any] = {}
 
     def model():

@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from peft_routing.collate import ChatCollator
-from peft_routing.data import ChatExample
-from peft_routing.evaluation import answer_accuracy, choice_accuracy, option_scores
+from peft_routing.workflow import ChatCollator, ChatExample, answer_accuracy, choice_accuracy, option_scores
 
 MERGES = {"merge_linear": dict(combination_type="cat"), "merge_ties": dict(combination_type="ties_svd", density=0.5)}
 

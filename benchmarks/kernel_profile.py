@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import launch  # noqa: E402
-from peft_routing.config import RoutingSettings  # noqa: E402
-from peft_routing.routed_lora import routed_forward  # noqa: E402
+from peft_routing.kernels import launch  # noqa: E402
 from routing_speed import random_stack  # noqa: E402
+
+from peft_routing.ops import (
+    RoutingSettings,  # noqa: E402
+    routed_forward,  # noqa: E402
+)
 
 CONFIGS = {  # token count from which the launcher uses its tall tiles: never, always, and as shipped
     "small": 10**9,

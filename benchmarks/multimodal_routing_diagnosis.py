@@ -15,22 +15,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
+# The diagnostic patches below act on the PyTorch path; the compiled CPU kernel picks its own top-k and would
+# silently ignore the forced choices.
+os.environ.setdefault("PEFT_ROUTING_CPU_KERNEL", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import CACHE, MULTIMODAL_CHANGES, QUICK, RESULTS, Bench, Settings, Store  # noqa: E402
 
-import peft_routing.routed_lora as routed_lora  # noqa: E402
-from peft_routing.collate import IGNORE_INDEX, ChatCollator  # noqa: E402
-from peft_routing.evaluation import _chunks, answer_accuracy  # noqa: E402
-from peft_routing.layer import RoutingLinear  # noqa: E402
-from peft_routing.routing import Routes, standardize  # noqa: E402
-from peft_routing.training import train_router  # noqa: E402
+import peft_routing.ops.strategies as strategies  # noqa: E402
+from peft_routing import RoutingLinear  # noqa: E402
+from peft_routing.ops import Routes, standardize  # noqa: E402
+from peft_routing.workflow import (  # noqa: E402
+    IGNORE_INDEX,
+    ChatCollator,
+    answer_accuracy,  # noqa: E402
+    train_router,  # noqa: E402
+)
+from peft_routing.workflow.evaluation import chunks  # noqa: E402
 
 KINDS = ("image", "question", "answer")
 OFF = -1  # a forced choice of "no expert": the base layer alone at these positions
@@ -38,13 +45,14 @@ OFF = -1  # a forced choice of "no expert": the base layer alone at these positi
 
 @contextlib.contextmanager
 def patched(name: str, replacement):
-    """Replace ``routed_lora.<name>`` while active: how the diagnostic switches below reach the route phase."""
-    original = getattr(routed_lora, name)
-    setattr(routed_lora, name, replacement)
+    """Replace ``peft_routing.ops.strategies.<name>`` while active: how the diagnostic switches below reach the
+    route phase."""
+    original = getattr(strategies, name)
+    setattr(strategies, name, replacement)
     try:
         yield
     finally:
-        setattr(routed_lora, name, original)
+        setattr(strategies, name, original)
 
 
 class PositionForcing:
@@ -55,9 +63,9 @@ class PositionForcing:
     """
 
     def __init__(self) -> None:
-        self.kinds: Optional[torch.Tensor] = None
+        self.kinds: torch.Tensor | None = None
         self.forced: dict[int, int] = {}
-        self.original = routed_lora.select_experts
+        self.original = strategies.select_experts
 
     def select(self, scores: torch.Tensor, settings) -> Routes:
         routes = self.original(scores, settings)
@@ -82,7 +90,7 @@ class ScorePatch:
         raise NotImplementedError
 
     def active(self):
-        return patched("_standardized_scores", self.scores)
+        return patched("stack_scores", lambda tokens, stack, score_norm: self.scores(tokens, stack))
 
 
 class ArrowScores(ScorePatch):
@@ -169,7 +177,7 @@ def forced_accuracy(model, tokenizer, examples, forcing: PositionForcing, image_
     collator = ChatCollator(tokenizer)
     correct = 0
     forcing.forced = forced
-    for chunk in _chunks(examples, 16, None):
+    for chunk in chunks(examples, 16, None):
         batch = collator(list(chunk))
         labels = batch.pop("labels")
         forcing.kinds = position_kinds(batch, labels, image_token)

@@ -21,11 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import CACHE, QUICK, RESULTS, Bench, Settings, Store  # noqa: E402
 
-from peft_routing.collate import ChatCollator  # noqa: E402
-from peft_routing.diagnostics import _block_of  # noqa: E402
-from peft_routing.evaluation import answer_accuracy  # noqa: E402
-from peft_routing.layer import RoutingLinear  # noqa: E402
-from peft_routing.training import train_router  # noqa: E402
+from peft_routing import RoutingLinear  # noqa: E402
+from peft_routing.workflow import (
+    ChatCollator,  # noqa: E402
+    answer_accuracy,  # noqa: E402
+    train_router,  # noqa: E402
+)
+from peft_routing.workflow.diagnostics import block_of  # noqa: E402
 
 RULES = {
     "top-1, raw score (benchmark default)": dict(top_k=1, score_norm="none"),
@@ -57,7 +59,7 @@ def answer_routing_accuracy(model, tokenizer, examples, expert: str) -> dict[int
         for path, layer, routes in records:
             chosen = routes.expert_ids.reshape(batch["input_ids"].shape[1], -1)[deciding, 0]
             own = layer.expert_names.index(expert)
-            hits.setdefault(_block_of(path), []).append((chosen == own).double().mean().item())
+            hits.setdefault(block_of(path), []).append((chosen == own).double().mean().item())
     return {block: sum(v) / len(v) for block, v in sorted(hits.items())}
 
 

@@ -38,9 +38,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_routing  # noqa: E402,F401
 from peft_routing import RoutingLoraConfig  # noqa: E402
-from peft_routing.config import RoutingSettings  # noqa: E402
-from peft_routing.expert_stack import ExpertStack  # noqa: E402
-from peft_routing.routed_lora import routed_forward  # noqa: E402
+from peft_routing.ops import (
+    ExpertStack,  # noqa: E402
+    RoutingSettings,  # noqa: E402
+    routed_forward,  # noqa: E402
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,7 +95,9 @@ def _randomize(model, scale: float = 0.02) -> None:
 
 def peft_lora(base, setup: Setup, n: int):
     """PEFT's LoRA with n adapters active at once (summed)."""
-    config = lambda: LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=TARGETS)
+    def config():
+        return LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=TARGETS)
+
     model = get_peft_model(base, config(), adapter_name="a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", config())
@@ -117,7 +121,9 @@ def peft_arrow(base, setup: Setup, n: int, top_k: int = 2):
 
 
 def ours(base, setup: Setup, n: int, top_k: int = 2):
-    config = lambda: RoutingLoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=TARGETS, top_k=top_k)
+    def config():
+        return RoutingLoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=TARGETS, top_k=top_k)
+
     model = get_peft_model(base, config(), adapter_name="e0")
     for i in range(1, n):
         model.add_adapter(f"e{i}", config())
@@ -439,7 +445,7 @@ def _routed_call(layer, tokens: torch.Tensor, stack: ExpertStack, strategy: str)
 
 def _captured_calls(model, ids: torch.Tensor) -> list[tuple]:
     """(layer, its [T, d_in] input) for every route-phase layer call of one forward, in call order."""
-    from peft_routing.layer import RoutingLinear
+    from peft_routing import RoutingLinear
 
     calls = []
 

@@ -13,11 +13,9 @@ import tempfile
 from peft import get_peft_model
 
 from peft_routing import RoutingLoraConfig
-from peft_routing.demo_tasks import make_task
-from peft_routing.evaluation import answer_accuracy
-from peft_routing.library import ExpertLibrary
-from peft_routing.smollm2 import load_smollm2
-from peft_routing.training import learn_task
+from peft_routing.demo.smollm2 import load_smollm2
+from peft_routing.demo.tasks import make_task
+from peft_routing.workflow import ExpertLibrary, answer_accuracy, learn_task
 
 QUICK_EXPERT = dict(max_steps=30, learning_rate=1e-3, lr_scheduler_type="constant", per_device_train_batch_size=8)
 QUICK_ROUTER = dict(max_steps=3, per_device_train_batch_size=8)

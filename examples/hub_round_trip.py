@@ -18,7 +18,7 @@ import torch
 from peft import get_peft_model
 
 from peft_routing import RoutingLoraConfig
-from peft_routing.tiny_models import tiny_chat_llama
+from peft_routing.demo.tiny_models import tiny_chat_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -21,9 +21,8 @@ from peft import get_peft_model
 from PIL import Image, ImageDraw
 
 from peft_routing import RoutingLoraConfig
-from peft_routing.evaluation import answer_accuracy
-from peft_routing.tiny_models import tiny_chat_llava
-from peft_routing.training import learn_task
+from peft_routing.demo.tiny_models import tiny_chat_llava
+from peft_routing.workflow import answer_accuracy, learn_task
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
 FAST_EXPERT = dict(max_steps=40, learning_rate=1e-2, lr_scheduler_type="constant", per_device_train_batch_size=8)
@@ -71,7 +70,7 @@ def main() -> None:
 
 
 def _examples(task: str):
-    from peft_routing.data import load_examples
+    from peft_routing.workflow import load_examples
 
     return load_examples(records(task, 32, seed=2))
 

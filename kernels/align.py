@@ -5,7 +5,7 @@ before the data is (CUDA-graph safe); padding rows hold the sentinel T*k (the la
 that the work over the pairs runs in parallel (one program per CHUNK of pairs) and only a short scan is serial:
   count:   counts[c, e] = pairs of chunk c routed to expert e;
   offsets: per expert, an exclusive scan over chunks (where chunk c's pairs of e start within e's run), the padded
-           run starts, the number of used rows, and the expert of every BLOCK_M block (-1 past the end);
+           run starts, and the expert of every BLOCK_M block (-1 past the end);
   place:   each pair goes to start[e] + offset[c, e] + (earlier pairs of e in its chunk); a stable sort.
 """
 
@@ -25,7 +25,7 @@ def align_count_kernel(expert_ids_ptr, counts_ptr, num_pairs, BLOCK_N: tl.conste
 
 @triton.jit
 def align_offsets_kernel(
-    counts_ptr, starts_ptr, block_expert_ptr, used_rows_ptr,
+    counts_ptr, starts_ptr, block_expert_ptr,
     num_chunks, num_blocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -39,7 +39,6 @@ def align_offsets_kernel(
     padded = ((running + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     starts = tl.cumsum(padded, axis=0) - padded
     tl.store(starts_ptr + experts, starts)
-    tl.store(used_rows_ptr, tl.sum(padded, axis=0))
     for b0 in range(0, num_blocks, CHUNK):
         bs = b0 + tl.arange(0, CHUNK)
         first_row = bs * BLOCK_M

@@ -1,14 +1,14 @@
-"""Python launchers for the routed-LoRA Triton kernels: ``triton_routed_forward`` mirrors the PyTorch path.
+"""Python launchers for the routed-LoRA Triton kernels, and the custom op ``peft_routing::triton_routed_lora_``.
 
-route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into ``out``. Tile sizes
-are fixed per token count (``tiles_for``; the CPU interpreter cannot autotune), chosen on an H100 with
-benchmarks/kernel_profile.py. Import this module only after
-deciding on TRITON_INTERPRET, which Triton reads at import time.
+route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into ``out``. Plain
+tensors in: the caller passes the tokens and routing vectors to score (already standardised for PHATGOOSE scores)
+apart from the tokens the LoRA multiplies. Tile sizes are fixed per token count (``tiles_for``; the CPU interpreter
+cannot autotune), chosen on an H100 with benchmarks/kernel_profile.py. Import this module only after deciding on
+TRITON_INTERPRET, which Triton reads at import time.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from .shrink import shrink_kernel
 
 MAX_EXPERTS = 1024  # the route kernel holds all N scores of a token block at once
 MAX_TOP_K = 8
+MAX_RANK = 128
 ROUTE_BLOCK_T = 16  # tokens per route program: many programs, since one holds [ROUTE_BLOCK_T, N] scores
 ROUTE_BLOCK_D = 64  # d_in per step of the route kernel
 CHUNK = 64  # pairs per program of the align kernels
@@ -47,21 +48,25 @@ def tiles_for(num_tokens: int) -> Tiles:
 
 
 def supports(num_experts: int, top_k: int, r_max: int) -> bool:
-    return num_experts <= MAX_EXPERTS and min(top_k, num_experts) <= MAX_TOP_K and r_max <= 128
+    """Whether the kernels take a library of this size: they hold all N scores of a token block at once."""
+    return num_experts <= MAX_EXPERTS and min(top_k, num_experts) <= MAX_TOP_K and r_max <= MAX_RANK
 
 
-def route(tokens: torch.Tensor, vectors: torch.Tensor, top_k: int, temperature: float, score_norm: str,
-          mixing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert ids [T, k] (int64) and weights [T, k] (float32) of every token."""
-    from peft_routing.routing import standardize
+def route(tokens: torch.Tensor, vectors: torch.Tensor, top_k: int, temperature: float, sigmoid: bool,
+          scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids [T, k] (int64) and weights [T, k] (float32) of every token, from the scores ``scale * x . v``.
 
+    Args:
+        tokens: [T, d] what is scored (standardised tokens for PHATGOOSE scores).
+        vectors: [N, d] routing vectors (standardised likewise).
+        top_k: experts per token (capped at N).
+        temperature: softmax temperature over the chosen scores.
+        sigmoid: weights are sigmoid(score) instead of a softmax.
+        scale: multiplies every score (1/sqrt(d) for PHATGOOSE scores).
+    """
     num_tokens, d_in = tokens.shape
     n = vectors.shape[0]
     k = min(top_k, n)
-    scale = 1.0
-    if score_norm == "standardize":
-        # in fp32 whatever the model's dtype: standardizing in half precision would move near-tie decisions
-        tokens, vectors, scale = standardize(tokens.float()), standardize(vectors.float()), 1.0 / math.sqrt(d_in)
     tokens, vectors = tokens.contiguous(), vectors.contiguous()
     ids = torch.empty(num_tokens, k, dtype=torch.int64, device=tokens.device)
     weights = torch.empty(num_tokens, k, dtype=torch.float32, device=tokens.device)
@@ -70,14 +75,17 @@ def route(tokens: torch.Tensor, vectors: torch.Tensor, top_k: int, temperature: 
     route_kernel[(triton.cdiv(num_tokens, ROUTE_BLOCK_T),)](
         tokens, vectors, ids, weights, num_tokens, n, d_in, tokens.stride(0), vectors.stride(0),
         scale, 1.0 / temperature,
-        TOP_K=k, K_PAD=triton.next_power_of_2(k), SIGMOID=mixing == "sigmoid",
+        TOP_K=k, K_PAD=triton.next_power_of_2(k), SIGMOID=sigmoid,
         BLOCK_T=ROUTE_BLOCK_T, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=ROUTE_BLOCK_D,
     )
     return ids, weights
 
 
-def align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pairs sorted by expert, padded per expert to block_m rows (static bound T*k + N*(block_m-1))."""
+def align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs sorted by expert, padded per expert to block_m rows (static bound T*k + N*(block_m-1)).
+
+    Returns (sorted pair indices, padding rows holding T*k; the expert of every block_m block, -1 past the end).
+    """
     flat = expert_ids.reshape(-1).contiguous()
     num_pairs, device = flat.numel(), flat.device
     max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
@@ -85,53 +93,54 @@ def align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     num_chunks = max(1, triton.cdiv(num_pairs, CHUNK))
     sorted_pairs = torch.full((max_rows,), num_pairs, dtype=torch.int64, device=device)
     block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
-    used_rows = torch.empty(1, dtype=torch.int32, device=device)
     offsets = torch.empty(num_chunks, block_n, dtype=torch.int32, device=device)
     starts = torch.empty(block_n, dtype=torch.int32, device=device)
     align_count_kernel[(num_chunks,)](flat, offsets, num_pairs, BLOCK_N=block_n, CHUNK=CHUNK)
-    align_offsets_kernel[(1,)](offsets, starts, block_expert, used_rows, num_chunks, block_expert.numel(),
+    align_offsets_kernel[(1,)](offsets, starts, block_expert, num_chunks, block_expert.numel(),
                                BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=CHUNK)
     align_place_kernel[(num_chunks,)](flat, offsets, starts, sorted_pairs, num_pairs, BLOCK_N=block_n, CHUNK=CHUNK)
-    return sorted_pairs, block_expert, used_rows
+    return sorted_pairs, block_expert
 
 
-def sorted_lora(tokens, ids, weights, stack, out) -> torch.Tensor:
-    """align -> shrink (weights folded in) -> expand (atomic add into out)."""
+def sorted_lora(tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
+                scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """align -> shrink (weights folded in) -> expand (atomic add into out); a [N, r, d_in], b_t [N, r, d_out]."""
     num_tokens, k = ids.shape
     tiles = tiles_for(num_tokens)
-    sorted_pairs, block_expert, _ = align(ids, stack.num_experts, tiles.m)
-    num_blocks, r_max = block_expert.numel(), stack.r_max
+    num_experts, r_max = a.shape[0], a.shape[1]
+    sorted_pairs, block_expert = align(ids, num_experts, tiles.m)
+    num_blocks = block_expert.numel()
     h = torch.zeros(sorted_pairs.numel(), r_max, dtype=torch.float32, device=tokens.device)
-    a, b = stack.a, stack.b_t
     block_r = max(16, triton.next_power_of_2(r_max))
     shrink_kernel[(num_blocks,)](
-        tokens, a, sorted_pairs, block_expert, weights.reshape(-1).contiguous(), stack.scales, h,
+        tokens, a, sorted_pairs, block_expert, weights.reshape(-1).contiguous(), scales, h,
         num_tokens * k, tokens.shape[1], r_max, k, tokens.stride(0), a.stride(0), a.stride(1),
         BLOCK_M=tiles.m, BLOCK_R=block_r, BLOCK_D=tiles.d,
     )
     expand_kernel[(num_blocks, triton.cdiv(out.shape[1], tiles.n))](
-        h, b, sorted_pairs, block_expert, out, num_tokens * k, out.shape[1], r_max, k,
-        b.stride(0), b.stride(1), out.stride(0),
+        h, b_t, sorted_pairs, block_expert, out, num_tokens * k, out.shape[1], r_max, k,
+        b_t.stride(0), b_t.stride(1), out.stride(0),
         BLOCK_M=tiles.m, BLOCK_R=block_r, BLOCK_N=tiles.n,
     )
     return out
 
 
-def dense_lora(tokens, ids, weights, stack, out) -> torch.Tensor:
+def dense_lora(tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
+               scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Every expert's shrink for every token, gated to the chosen ones, then one expand: no sorting."""
     num_tokens = tokens.shape[0]
     tiles = tiles_for(num_tokens)
-    n, r_max = stack.num_experts, stack.r_max
+    n, r_max = a.shape[0], a.shape[1]
     gates = torch.zeros(num_tokens, n, dtype=torch.float32, device=tokens.device)
-    gates.scatter_(1, ids, weights * stack.scales.float()[ids])
+    gates.scatter_(1, ids, weights * scales.float()[ids])
     columns = n * r_max
     h = torch.empty(num_tokens, columns, dtype=torch.float32, device=tokens.device)
-    a_rows = stack.a.reshape(columns, -1)
+    a_rows = a.reshape(columns, -1)
     gated_shrink_kernel[(triton.cdiv(num_tokens, tiles.t), triton.cdiv(columns, tiles.n))](
         tokens, a_rows, gates, h, num_tokens, tokens.shape[1], columns, r_max, n, tokens.stride(0),
         BLOCK_T=tiles.t, BLOCK_C=tiles.n, BLOCK_D=tiles.d,
     )
-    b_rows = stack.b_t.reshape(columns, -1)
+    b_rows = b_t.reshape(columns, -1)
     dense_expand_kernel[(triton.cdiv(num_tokens, tiles.t), triton.cdiv(out.shape[1], tiles.n))](
         h, b_rows, out, num_tokens, columns, out.shape[1], out.stride(0),
         BLOCK_T=tiles.t, BLOCK_N=tiles.n, BLOCK_C=tiles.d,
@@ -139,11 +148,35 @@ def dense_lora(tokens, ids, weights, stack, out) -> torch.Tensor:
     return out
 
 
-def triton_routed_forward(tokens, stack, settings, out, dense: bool):
-    """The route-phase LoRA of one layer on Triton; returns (out, (ids, weights))."""
-    tokens = tokens.contiguous()
-    ids, weights = route(tokens, stack.vectors, settings.top_k, settings.temperature, settings.score_norm,
-                         settings.mixing)
-    if tokens.shape[0]:
-        (dense_lora if dense else sorted_lora)(tokens, ids, weights, stack, out)
-    return out, (ids, weights)
+@torch.library.custom_op("peft_routing::triton_routed_lora_", mutates_args=("out",))
+def triton_routed_lora_(
+    out: torch.Tensor, tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: torch.Tensor,
+    a: torch.Tensor, b_t: torch.Tensor, scales: torch.Tensor, top_k: int, temperature: float, sigmoid: bool,
+    score_scale: float, dense: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [T, d_out] += every token's top-k experts' LoRA; returns the routes (ids [T, k] int64, weights float32).
+
+    Args:
+        out: [T, d_out] added into, in place.
+        tokens: [T, d_in] what the LoRA multiplies, in the experts' dtype.
+        route_tokens: [T, d] what is scored (``tokens``, or standardised tokens for PHATGOOSE scores).
+        route_vectors: [N, d] routing vectors (standardised likewise).
+        a: [N, r_max, d_in] every expert's A, ranks padded with zero rows.
+        b_t: [N, r_max, d_out] every expert's B transposed, padded likewise.
+        scales: [N] every expert's LoRA scaling.
+        top_k: experts per token.
+        temperature: softmax temperature over the chosen scores.
+        sigmoid: weights are sigmoid(score) instead of a softmax.
+        score_scale: multiplies every score (1/sqrt(d) for PHATGOOSE scores).
+        dense: the small-library path (every expert's shrink, masked) instead of sorting the pairs.
+    """
+    ids, weights = route(route_tokens, route_vectors, top_k, temperature, sigmoid, score_scale)
+    (dense_lora if dense else sorted_lora)(tokens.contiguous(), ids, weights, a, b_t, scales, out)
+    return ids, weights
+
+
+@triton_routed_lora_.register_fake
+def _(out, tokens, route_tokens, route_vectors, a, b_t, scales, top_k, temperature, sigmoid, score_scale, dense):
+    k = min(top_k, route_vectors.shape[0])
+    return tokens.new_empty(tokens.shape[0], k, dtype=torch.int64), tokens.new_empty(tokens.shape[0], k,
+                                                                                      dtype=torch.float32)

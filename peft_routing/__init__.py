@@ -2,21 +2,44 @@
 
 ``import peft_routing`` registers the ``ROUTING_LORA`` adapter type, after which ``get_peft_model(model,
 RoutingLoraConfig(...))`` and ``PeftModel.from_pretrained(model, expert_folder)`` work as for any PEFT method.
+
+The package is in wings whose imports point one way, ``kernels <- ops <- tuner <- workflow <- demo <- cli``, with
+``io`` a leaf any wing may use. The names below are the public API; the workflow's (training, evaluation, the
+library directory) load on first use, so that ``import peft_routing`` does not import transformers' Trainer.
 """
 
-from .registration import register as _register
+import importlib
 
-_register()
+from .ops import RoutingSettings, route, route_scores, routed_lora_delta, select_experts, standardize
+from .tuner import (
+    LLAMA_PROJECTIONS,
+    ExpertMismatchError,
+    RoutingLinear,
+    RoutingLoraConfig,
+    RoutingLoraModel,
+    register,
+)
 
-from .compat import ExpertMismatchError  # noqa: E402
-from .config import RoutingLoraConfig, RoutingSettings  # noqa: E402
-from .layer import RoutingLinear  # noqa: E402
-from .model import RoutingLoraModel  # noqa: E402
-from .routing import route, route_scores, routed_lora_delta, select_experts, standardize  # noqa: E402
+register()
 
 __version__ = "0.1.0"
 
+_LAZY = {name: "peft_routing.workflow" for name in (
+    "ChatCollator", "ChatExample", "DataError", "ExpertLibrary", "LibraryError", "answer_accuracy",
+    "choice_accuracy", "learn_task", "load_examples", "plot_routing", "routing_shares", "train_expert",
+    "train_router",
+)}
+_LAZY["run_demo"] = "peft_routing.demo"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peft_routing' has no attribute {name!r}")
+
+
 __all__ = [
+    "LLAMA_PROJECTIONS",
     "ExpertMismatchError",
     "RoutingLinear",
     "RoutingLoraConfig",
@@ -27,4 +50,5 @@ __all__ = [
     "routed_lora_delta",
     "select_experts",
     "standardize",
+    *_LAZY,
 ]

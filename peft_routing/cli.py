@@ -1,7 +1,7 @@
 """``peft-routing``: grow, use and inspect a library of routed LoRA experts from the shell.
 
-Each sub-command is a thin layer over the Python API (training.py, library.py, evaluation.py, diagnostics.py,
-hub.py, demo.py); ``peft-routing <command> --help`` is its manual.
+Each sub-command is a thin layer over the Python API (``workflow``, ``io.hub``, ``demo``); ``peft-routing <command>
+--help`` is its manual.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import argparse
 import json
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+
+from .tuner.config import LLAMA_PROJECTIONS
 
 MAIN_HELP = """\
 Teach a model new tasks one at a time. Each task becomes a LoRA expert with routing vectors, saved as a standard
@@ -31,7 +33,7 @@ multimodal models.
 """
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -45,11 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``peft-routing`` parser with every sub-command in ``COMMANDS``."""
     parser = argparse.ArgumentParser(prog="peft-routing", description=MAIN_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_learn_parser, _generate_parser, _eval_parser, _inspect_parser, _push_parser, _pull_parser,
-                _demo_parser):
+    for add in _COMMAND_PARSERS:
         add(commands)
     return parser
 
@@ -73,7 +75,8 @@ def _routing_options(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------- learn
 def _learn_parser(commands) -> None:
-    parser = _command(commands, "learn", "learn one new task: train an expert and its router, add it to the library", """\
+    summary = "learn one new task: train an expert and its router, add it to the library"
+    parser = _command(commands, "learn", summary, """\
         Learn one task from its own data only, in two stages, and add the expert to the library.
 
         Stage 1 trains the task's LoRA (A, B); stage 2 trains its routing vectors with the LoRA frozen. Training is
@@ -93,8 +96,7 @@ def _learn_parser(commands) -> None:
     adapter = parser.add_argument_group("adapter (first expert of a library only)")
     adapter.add_argument("--rank", type=int, default=16)
     adapter.add_argument("--alpha", type=int, default=32)
-    adapter.add_argument("--target-modules", nargs="+",
-                         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    adapter.add_argument("--target-modules", nargs="+", default=list(LLAMA_PROJECTIONS))
     adapter.add_argument("--top-layers", type=int, help="adapt only the last N transformer blocks (default: all)")
     adapter.add_argument("--top-k", type=int, default=1, help="experts per token at inference (paper: 1)")
     training = parser.add_argument_group("training")
@@ -113,11 +115,11 @@ def _learn_parser(commands) -> None:
 def _run_learn(args) -> int:
     from peft import get_peft_model
 
-    from .base_models import load_base_model
-    from .config import RoutingLoraConfig
-    from .data import load_examples
-    from .library import ExpertLibrary
-    from .training import learn_task
+    from .demo.base_models import load_base_model
+    from .tuner.config import RoutingLoraConfig
+    from .workflow.data import load_examples
+    from .workflow.library import ExpertLibrary
+    from .workflow.training import learn_task
 
     examples = load_examples(args.data)  # a bad line fails before anything is created or loaded
     library = ExpertLibrary.open_or_create(args.library, args.base)
@@ -147,7 +149,7 @@ def _run_learn(args) -> int:
     return 0
 
 
-def _top_layers(base, top: Optional[int]) -> Optional[list[int]]:
+def _top_layers(base, top: int | None) -> list[int] | None:
     if top is None:
         return None
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
@@ -163,8 +165,8 @@ def _drop_none(**values):
 
 # ------------------------------------------------------------------------------------- generate / eval / inspect
 def _load_for_inference(args):
-    from .base_models import load_base_model
-    from .library import ExpertLibrary
+    from .demo.base_models import load_base_model
+    from .workflow.library import ExpertLibrary
 
     library = ExpertLibrary.open(args.library)
     base, processor = load_base_model(library.base_model)
@@ -193,8 +195,8 @@ def _generate_parser(commands) -> None:
 def _run_generate(args) -> int:
     import torch
 
-    from .collate import ChatCollator
-    from .data import load_examples
+    from .workflow.collate import ChatCollator
+    from .workflow.data import load_examples
 
     records = [{"prompt": p} for p in args.prompt]
     examples = (load_examples(records, require_answer=False) if records else []) + (
@@ -229,9 +231,9 @@ def _eval_parser(commands) -> None:
 
 
 def _run_eval(args) -> int:
-    from .data import load_examples
-    from .evaluation import answer_accuracy
-    from .atomic import write_json_atomic
+    from .io.atomic import write_json_atomic
+    from .workflow.data import load_examples
+    from .workflow.evaluation import answer_accuracy
 
     examples = load_examples(args.data)
     model, processor = _load_for_inference(args)
@@ -257,8 +259,8 @@ def _inspect_parser(commands) -> None:
 
 
 def _run_inspect(args) -> int:
-    from .data import load_examples
-    from .diagnostics import plot_routing, routing_shares
+    from .workflow.data import load_examples
+    from .workflow.diagnostics import plot_routing, routing_shares
 
     examples = load_examples(args.data)[: args.limit]
     model, processor = _load_for_inference(args)
@@ -287,8 +289,8 @@ def _push_parser(commands) -> None:
 def _run_push(args) -> int:
     import shutil
 
-    from .hub import push_folder_to_hub
-    from .library import ExpertLibrary
+    from .io.hub import push_folder_to_hub
+    from .workflow.library import ExpertLibrary
 
     folder = ExpertLibrary.open(args.library).expert_dir(args.expert)
     push_folder_to_hub(lambda target: shutil.copytree(folder, target), args.repo, private=args.private or None,
@@ -311,8 +313,8 @@ def _pull_parser(commands) -> None:
 
 
 def _run_pull(args) -> int:
-    from .hub import resolve_expert_folder
-    from .library import ExpertLibrary
+    from .io.hub import resolve_expert_folder
+    from .workflow.library import ExpertLibrary
 
     library = ExpertLibrary.open(args.library)
     folder = resolve_expert_folder(args.repo, revision=args.revision, subfolder=args.subfolder, token=args.token)
@@ -335,10 +337,15 @@ def _demo_parser(commands) -> None:
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(args.out, overwrite=args.overwrite)
     return 0
+
+
+_COMMAND_PARSERS = (_learn_parser, _generate_parser, _eval_parser, _inspect_parser, _push_parser, _pull_parser,
+                    _demo_parser)
+COMMANDS = tuple(add.__name__.strip("_").removesuffix("_parser") for add in _COMMAND_PARSERS)
 
 
 if __name__ == "__main__":  # pragma: no cover

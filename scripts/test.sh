@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install, then run the test suite. RUN_SLOW=1 also runs the slow tests on the real SmolLM2-135M.
+# Install, lint with ruff, then run the test suite. RUN_SLOW=1 also runs the slow tests on the real SmolLM2-135M.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
+ruff check .  # lint first: a finding fails the run (pyproject.toml [tool.ruff])
 set +e
 python -m pytest -q "$@"
 status=$?

@@ -8,6 +8,7 @@ Usage: [KERNEL_DEVICE=cuda] python tests/kernel_checks.py CHECK [MAX_EXAMPLES]
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -18,13 +19,17 @@ if DEVICE == "cpu":
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from peft_routing.kernels import launch  # noqa: E402
+from testing_utils import converted, random_stack  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import launch  # noqa: E402
-from peft_routing.config import RoutingSettings  # noqa: E402
-from peft_routing.routed_lora import routed_forward  # noqa: E402
-from peft_routing.routing import route_scores, select_experts  # noqa: E402
-from stacks import converted, random_stack  # noqa: E402
+from peft_routing.ops import (  # noqa: E402
+    RoutingSettings,
+    route_scores,
+    routed_forward,
+    select_experts,
+    standardize,
+    triton_path,  # noqa: E402
+)
 
 MAX_EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 SHIPPED_TALL_FROM = launch.TALL_FROM_TOKENS
@@ -72,7 +77,10 @@ def check_route(n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype,
             return
     else:
         vectors = stack.vectors
-    ids, weights = launch.route(x, vectors, top_k, 0.8, score_norm, mixing)
+    scored_x, scored_v, scale = x, vectors, 1.0
+    if score_norm == "standardize":  # the caller standardises, the kernel scores
+        scored_x, scored_v, scale = standardize(x.float()), standardize(vectors.float()), 1.0 / math.sqrt(d_in)
+    ids, weights = launch.route(scored_x, scored_v, top_k, 0.8, mixing == "sigmoid", scale)
     want = select_experts(route_scores(x.float(), vectors.float(), score_norm), routing)
     assert torch.equal(ids, want.expert_ids), (ids, want.expert_ids)
     torch.testing.assert_close(weights, want.weights, atol=1e-5, rtol=1e-4)
@@ -89,10 +97,10 @@ def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, m
     base = _randn(tokens, d_out, seed + 1)
     float_stack = converted(stack, dtype=torch.float32)
     want, _ = routed_forward(x.float(), float_stack, routing, "loop", out=base.clone())
-    got, _ = launch.triton_routed_forward(x.float(), float_stack, routing, base.clone(), dense=dense)
+    got, _ = triton_path.routed_forward(x.float(), float_stack, routing, base.clone(), dense=dense)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     if DEVICE != "cpu" and dtype != torch.float32:  # half inputs, weights and output (the interpreter is fp32-only)
-        got, _ = launch.triton_routed_forward(x, stack, routing, base.to(dtype), dense=dense)
+        got, _ = triton_path.routed_forward(x, stack, routing, base.to(dtype), dense=dense)
         tolerance = 2e-2 * (1 + want.abs().amax().item() if want.numel() else 1)
         torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=2e-2)
     COMPARED.append(tokens)
@@ -114,10 +122,10 @@ def check_align():
     for n, pairs in ((1, 0), (1, 7), (5, 40), (64, 130), (3, 1), (256, 700), (17, 1000)):
         ids = torch.randint(0, n, (pairs,), generator=torch.Generator().manual_seed(pairs)).to(DEVICE)
         block_m = launch.SMALL.m
-        sorted_pairs, block_expert, used = launch.align(ids.view(-1, 1), n, block_m)
+        sorted_pairs, block_expert = launch.align(ids.view(-1, 1), n, block_m)
         counts = torch.bincount(ids, minlength=n)
         padded = (counts + block_m - 1) // block_m * block_m
-        assert int(used) == int(padded.sum())
+        assert int((block_expert >= 0).sum()) * block_m == int(padded.sum())  # the used rows
         assert sorted_pairs.numel() >= pairs + n * (block_m - 1)
         real = sorted_pairs[sorted_pairs < pairs]
         assert sorted(real.tolist()) == list(range(pairs))  # every pair exactly once
@@ -136,8 +144,7 @@ def check_align():
 
 def check_model():
     """A whole routed model: the Triton strategy gives the logits of the PyTorch reference loop."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make_library, token_batch
+    from testing_utils import make_library, token_batch
 
     for n, top_k in ((3, 1), (6, 2), (40, 2)):
         model = make_library("llama", n_experts=n, ranks=[4, 8], seed=n).to(DEVICE)
@@ -152,9 +159,20 @@ def check_model():
         COMPARED.append(n)
 
 
+def check_opcheck():
+    """The custom op's declared mutation of ``out`` and its fake kernel (torch.compile traces with it) match the op."""
+    stack = _stack(5, 4, 20, 70, 9, torch.float32)
+    x = _randn(6, 20, 1)
+    for dense in (False, True):
+        args = (_randn(6, 70, 2), x, x, stack.vectors.contiguous(), stack.a, stack.b_t, stack.scales, 2, 0.8, False,
+                1.0, dense)
+        torch.library.opcheck(launch.triton_routed_lora_, args)
+        COMPARED.append(dense + 1)
+
+
 if __name__ == "__main__":
     checks = {"route": check_route, "sorted": check_sorted, "dense": check_dense, "align": check_align,
-              "model": check_model}
+              "model": check_model, "opcheck": check_opcheck}
     checks[sys.argv[1]]()
     nonempty = sum(1 for t in COMPARED if t)
     assert nonempty >= max(1, len(COMPARED) // 3), f"only {nonempty} non-empty cases were compared: {COMPARED}"

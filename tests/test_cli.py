@@ -1,15 +1,15 @@
-"""The ``peft-routing`` command on a tiny local base model: learn two tasks, then generate, eval, inspect, push, pull."""
+"""The ``peft-routing`` command on a tiny local base model: learn two tasks, then generate, eval, inspect, push and
+pull."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import tiny_chat_llama, tiny_chat_tokenizer
-from test_training import task_records
+from testing_utils import task_records, tiny_chat_llama, tiny_chat_tokenizer
 
-from peft_routing.cli import build_parser, main
-from peft_routing.library import ExpertLibrary
+from peft_routing.cli import COMMANDS, build_parser, main
+from peft_routing.workflow import ExpertLibrary
 
 TRAIN = ["--expert-steps", "6", "--lr", "2e-2", "--batch-size", "4", "--router-steps", "2",
          "--router-batch-size", "4"]
@@ -29,9 +29,10 @@ def write_jsonl(path, records):
 
 
 def test_every_command_has_a_manual(capsys):
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices
+    commands = COMMANDS
     assert set(commands) == {"learn", "generate", "eval", "inspect", "push", "pull", "demo"}
+    overview = build_parser().format_help()
+    assert all(f"    {name} " in overview for name in commands)
     for name in commands:
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])

@@ -10,13 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import ExpertTensors, routed_delta, score_margin, token_scores
-from stacks import converted, random_stack
+from testing_utils import converted, random_stack
 
-from peft_routing import cpu_kernel
-from peft_routing.config import RoutingSettings
-from peft_routing.expert_stack import ExpertStack
-from peft_routing.routed_lora import _scores, routed_forward
-from peft_routing.routing import select_experts
+from peft_routing.ops import RoutingSettings, cpu_kernel, routed_forward, select_experts, stack_scores
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the CPU kernel cannot be built here")
@@ -106,7 +102,7 @@ def test_auto_uses_the_kernel_only_where_it_applies(monkeypatch):
     routing = RoutingSettings(top_k=2)
     calls = []
     monkeypatch.setattr(cpu_kernel, "routed_lora_", lambda *args: calls.append(1) or select_experts(
-        _scores(args[0], stack, "none"), routing))
+        stack_scores(args[0], stack, "none"), routing))
     routed_forward(x, stack, routing, "auto")
     assert calls == [1]
     routed_forward(x.double(), _double(stack), routing, "auto")  # float64: the PyTorch path

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LLAMA_TARGETS, tiny_chat_llama
 from peft import get_peft_model
+from testing_utils import LLAMA_TARGETS, tiny_chat_llama
 
 from peft_routing import RoutingLoraConfig
-from peft_routing.data import DataError, load_examples
-from peft_routing.library import ExpertLibrary, LibraryError
+from peft_routing.workflow import DataError, ExpertLibrary, LibraryError, load_examples
 
 
 def write_lines(path, lines):

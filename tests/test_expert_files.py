@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import expert_config, make_base, make_library, token_batch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from testing_utils import expert_config, make_base, make_library, token_batch
 
 from peft_routing import ExpertMismatchError
 
@@ -48,7 +48,8 @@ def test_saved_folder_is_a_standard_adapter_folder(tmp_path):
     assert config["module_shapes"]["model.layers.0.mlp.down_proj"] == [32, 48, 8]
     tensors = load_file(folder / "adapter_model.safetensors")
     routes = [k for k in tensors if k.endswith(".lora_route")]
-    assert len(routes) == 14 and all(tensors[k].shape == (tensors[k.replace("lora_route", "lora_A.weight")].shape[1],) for k in routes)
+    assert len(routes) == 14
+    assert all(tensors[k].shape == (tensors[k.replace("lora_route", "lora_A.weight")].shape[1],) for k in routes)
     assert not any("expert_1" in k for k in tensors)
 
 
@@ -65,7 +66,7 @@ def test_round_trip_in_a_fresh_process_gives_identical_logits(tmp_path):
         f"""
         import torch, peft_routing
         from peft import PeftModel
-        from conftest import make_base
+        from testing_utils import make_base
         base = make_base("qwen2", 5)
         model = PeftModel.from_pretrained(base, r"{tmp_path / 'expert_0'}", adapter_name="expert_0")
         model.add_expert(r"{tmp_path / 'expert_1'}")
@@ -276,7 +277,7 @@ def test_save_never_overwrites_a_users_folder_unless_asked(tmp_path):
 
 
 def test_interrupted_save_leaves_no_half_written_expert(tmp_path, monkeypatch):
-    import peft_routing.expert_io as expert_io
+    import peft_routing.tuner.expert_folder as expert_io
 
     model = make_library("llama", n_experts=1)
 

@@ -4,13 +4,13 @@ or is rebuilt when they do not fit, and PEFT's parameters always view the stack 
 from __future__ import annotations
 
 import torch
-from conftest import expert_config, make_base, make_library, token_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from reference import ExpertTensors, routed_delta, score_margin, token_scores
+from testing_utils import expert_config, make_base, make_library, token_batch
 
-from peft_routing.expert_stack import ExpertStack
+from peft_routing.ops import ExpertStack
 
 TOP_K = 2
 
@@ -99,27 +99,28 @@ def test_the_stack_follows_adds_removals_and_replaced_tensors_and_keeps_every_va
 def test_adding_an_expert_appends_into_the_free_slots_and_the_stack_doubles_when_full():
     model = make_library("llama", n_experts=3, ranks=[4])
     layer = _layer(model)
-    stack = layer._expert_stack  # stacked as the experts were added, before any route-phase forward
+    stack = layer.current_expert_stack  # stacked as the experts were added, before any route-phase forward
     assert stack is not None and stack.capacity == 8 and stack.names == ["expert_0", "expert_1", "expert_2"]
     storage = stack.a.untyped_storage().data_ptr()
     for i in range(3, 8):
         model.add_adapter(f"expert_{i}", expert_config("llama", 4))
-        assert layer._expert_stack is stack and stack.a.untyped_storage().data_ptr() == storage  # appended in place
+        assert layer.current_expert_stack is stack  # appended in place
+        assert stack.a.untyped_storage().data_ptr() == storage
     model.add_adapter("expert_8", expert_config("llama", 4))
-    grown = layer._expert_stack
+    grown = layer.current_expert_stack
     assert grown is not stack and grown.capacity == 16 and grown.num_experts == 9
     _assert_parameters_view_the_stack(layer, grown)
     model.add_adapter("expert_9", expert_config("llama", 8))  # a larger rank than the slots hold: restacked
-    assert layer._expert_stack.r_max == 8
-    _assert_parameters_view_the_stack(layer, layer._expert_stack)
+    assert layer.current_expert_stack.r_max == 8
+    _assert_parameters_view_the_stack(layer, layer.current_expert_stack)
 
 
 def test_moving_the_model_frees_the_stale_stack():
     model = make_library("llama", n_experts=2)
     layer = _layer(model)
-    assert layer._expert_stack is not None
+    assert layer.current_expert_stack is not None
     model.to(torch.float64)  # every parameter gets a new tensor
-    assert layer._expert_stack is None
+    assert layer.current_expert_stack is None
     model.set_phase("route", top_k=TOP_K)
     _assert_route_output_is_the_reference(layer.to(torch.float32), seed=0)
 

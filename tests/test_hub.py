@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_base, make_library, token_batch
 from huggingface_hub import HfApi
 from peft import PeftModel
+from testing_utils import make_base, make_library, token_batch
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -40,7 +40,8 @@ def test_push_then_add_expert_by_repo_id(tmp_hf_cache, monkeypatch, subfolder):
     model.push_expert_to_hub("expert_1", "org/coco-expert", subfolder=subfolder)
     assert calls and calls[0][0] == "org/coco-expert"
 
-    fresh = PeftModel.from_pretrained(make_base("llama", 9), str(_local_copy(model, "expert_0")), adapter_name="expert_0")
+    folder = str(_local_copy(model, "expert_0"))
+    fresh = PeftModel.from_pretrained(make_base("llama", 9), folder, adapter_name="expert_0")
     name = fresh.add_expert("org/coco-expert", adapter_name="coco", subfolder=subfolder)
     assert name == "coco" and fresh.experts == ["expert_0", "coco"]
     for library in (model, fresh):

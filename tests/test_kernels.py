@@ -18,7 +18,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("check", ["align", "route", "sorted", "dense", "model"])
+@pytest.mark.parametrize("check", ["align", "route", "sorted", "dense", "model", "opcheck"])
 def test_kernel_matches_pytorch_reference(check, device):
     """On CPU under the interpreter; compiled on a GPU when there is one."""
     env = dict(os.environ, KERNEL_DEVICE=device)
@@ -31,4 +31,5 @@ def test_kernel_matches_pytorch_reference(check, device):
     if result.returncode < 0:
         pytest.fail(f"the kernel process crashed (signal {-result.returncode}) in {check} on {device}:\n"
                     f"{result.stderr[-3000:]}")
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
+    output = result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), output

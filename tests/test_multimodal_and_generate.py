@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import expert_config, make_base, make_library, randomize_routes, token_batch
 from peft import get_peft_model
+from testing_utils import expert_config, make_base, make_library, randomize_routes, token_batch
 
 from peft_routing import RoutingLinear
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from peft_routing.demo_tasks import make_task
-from peft_routing.image_tasks import COLORS, caption_questions
-from peft_routing.smollm2_llava import AlignmentSettings, align_vision, llava_from_text_model, vision_parameters
-from peft_routing.tiny_models import tiny_chat_llama, tiny_chat_tokenizer
+from peft_routing.demo.image_tasks import COLORS, caption_questions
+from peft_routing.demo.smollm2_llava import AlignmentSettings, align_vision, llava_from_text_model, vision_parameters
+from peft_routing.demo.tasks import make_task
+from peft_routing.demo.tiny_models import tiny_chat_llama, tiny_chat_tokenizer
 
 
 def _cells_with_ink(image) -> list[tuple[int, int, int]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, LLAMA_TARGETS, expert_config, make_base, make_library, token_batch
 from peft import LoraConfig, get_peft_model
 from reference import ExpertTensors, gated_delta, lora_scaling
+from testing_utils import ARCHITECTURES, LLAMA_TARGETS, expert_config, make_base, make_library, token_batch
 
 from peft_routing import RoutingLoraConfig
 
@@ -24,7 +24,8 @@ def _copy_lora_weights(source, target, source_name, target_name):
 def test_expert_phase_equals_peft_lora(arch, use_rslora):
     ours = make_library(arch, n_experts=2, ranks=[4, 8], seed=1, use_rslora=use_rslora)
     targets = ARCHITECTURES[arch][1]
-    stock_config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_rslora=use_rslora, fan_in_fan_out=arch == "gpt2")
+    stock_config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_rslora=use_rslora,
+                              fan_in_fan_out=arch == "gpt2")
     if arch in ("llava", "qwen2_vl"):  # stock LoRA would also adapt the vision tower; compare on the LM only
         stock_config.target_modules = rf".*language_model.*\.({'|'.join(targets)})"
     stock = get_peft_model(make_base(arch, 1), stock_config, adapter_name="expert_1").eval()

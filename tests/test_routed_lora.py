@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_library, token_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stacks import random_stack
+from testing_utils import make_library, random_stack, token_batch
 
-from peft_routing.config import RoutingSettings
-from peft_routing.expert_stack import ExpertStack
-from peft_routing.routed_lora import LOOPED_EXPERT_ROWS, routed_forward, sorted_layout
-from peft_routing.routing import route, routed_lora_delta, top_k
+from peft_routing import RoutingLinear
+from peft_routing.ops import (
+    LOOPED_EXPERT_ROWS,
+    RoutingSettings,
+    route,
+    routed_forward,
+    routed_lora_delta,
+    sorted_layout,
+    top_k,
+)
 
 
 def _stack(n, r_max, d_in, d_out, seed, dtype=torch.float32):
@@ -78,9 +83,9 @@ def test_sorted_strategies_in_other_dtypes_equal_the_loop(dtype, strategy):
 
 
 def _has_near_tie(x, stack, routing) -> bool:
-    from peft_routing.routed_lora import _scores
+    from peft_routing.ops import stack_scores
 
-    scores = _scores(x, stack, routing.score_norm).sort(dim=-1, descending=True).values
+    scores = stack_scores(x, stack, routing.score_norm).sort(dim=-1, descending=True).values
     k = min(routing.top_k, stack.num_experts)
     return k < stack.num_experts and bool(((scores[:, k - 1] - scores[:, k]).abs() < 1e-4).any())
 
@@ -158,8 +163,8 @@ def test_standardized_scores_follow_router_training_after_the_stack_was_built():
     with torch.no_grad():
         got = model(input_ids=ids).logits
         for layer in model.modules():
-            if hasattr(layer, "_expert_stack"):
-                layer._expert_stack = None  # forgotten: the next forward stacks from scratch, the independent answer
+            if isinstance(layer, RoutingLinear):
+                layer.drop_expert_stack()  # forgotten: the next forward stacks from scratch, the independent answer
         want = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

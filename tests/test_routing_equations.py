@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, VOCAB, make_base, make_library, token_batch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 from reference import ExpertTensors, lora_scaling, routed_delta, score_margin, token_scores
 from safetensors.torch import load_file
+from testing_utils import ARCHITECTURES, VOCAB, make_base, make_library, token_batch
 from torch import nn
 
 from peft_routing import RoutingLoraConfig

@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import randomize_routes
 from peft import PeftModel, get_peft_model
 from reference import ExpertTensors, lora_scaling, routed_delta
+from testing_utils import randomize_routes
 
 from peft_routing import RoutingLoraConfig
 
@@ -21,10 +21,12 @@ TARGETS = [f"model.layers.{i}.self_attn.{p}" for i in TOP_LAYERS for p in ("q_pr
 
 
 def _library():
-    from peft_routing.smollm2 import load_smollm2
+    from peft_routing.demo.smollm2 import load_smollm2
 
     base, tokenizer = load_smollm2()
-    config = lambda r: RoutingLoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+    def config(r):
+        return RoutingLoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+
     model = get_peft_model(base, config(4), adapter_name="capitals")
     model.add_adapter("arithmetic", config(8))
     model.add_adapter("poetry", config(4))
@@ -37,7 +39,7 @@ def _library():
 
 
 def test_smollm2_route_phase_equations_round_trip_and_generate(tmp_path):
-    from peft_routing.smollm2 import load_smollm2
+    from peft_routing.demo.smollm2 import load_smollm2
 
     model, tokenizer = _library()
     model.set_phase("route", top_k=2)
@@ -58,7 +60,8 @@ def test_smollm2_route_phase_equations_round_trip_and_generate(tmp_path):
             key = f"base_model.model.{path}"
             A = tensors[f"{key}.lora_A.weight"]
             experts_at.setdefault(path, []).append(
-                ExpertTensors(A, tensors[f"{key}.lora_B.weight"], tensors[f"{key}.lora_route"], lora_scaling(2 * A.shape[0], A.shape[0], False))
+                ExpertTensors(A, tensors[f"{key}.lora_B.weight"], tensors[f"{key}.lora_route"],
+                              lora_scaling(2 * A.shape[0], A.shape[0], False))
             )
     modules = dict(base.named_modules())
     for path, experts in experts_at.items():
@@ -78,5 +81,6 @@ def test_smollm2_route_phase_equations_round_trip_and_generate(tmp_path):
     fresh.set_phase("route", top_k=2)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, logits, rtol=0, atol=0)
-        out = fresh.generate(**tokenizer(["What is the capital of France?"], return_tensors="pt"), max_new_tokens=8, do_sample=False)
+        prompt = tokenizer(["What is the capital of France?"], return_tensors="pt")
+        out = fresh.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > batch["input_ids"].shape[1] - 1

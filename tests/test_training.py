@@ -3,30 +3,28 @@ bit-identical, and the answer-only labels / LM-head shortcut give the same loss 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, tiny_chat_llama, tiny_chat_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
+from testing_utils import LLAMA_TARGETS, task_records, tiny_chat_llama, tiny_chat_tokenizer
 
 from peft_routing import RoutingLoraConfig
-from peft_routing.collate import IGNORE_INDEX, ChatCollator
-from peft_routing.data import ChatExample, load_examples
-from peft_routing.evaluation import answer_accuracy
-from peft_routing.training import learn_task, train_expert, train_router
+from peft_routing.workflow import (
+    IGNORE_INDEX,
+    ChatCollator,
+    ChatExample,
+    answer_accuracy,
+    learn_task,
+    load_examples,
+    train_expert,
+    train_router,
+)
 
 FAST = dict(max_steps=30, learning_rate=5e-2, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=1,
             lr_scheduler_type="constant")
 ROUTER_FAST = dict(max_steps=4, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=1)
-
-
-def task_records(prefix: str, answer: str, n: int = 16, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz" if prefix.isupper() else "0123456789"
-    return [{"prompt": f"{prefix}:{''.join(rng.choices(letters, k=5))}", "response": answer} for _ in range(n)]
 
 
 def went_down(losses: list[tuple[int, float]]) -> bool:

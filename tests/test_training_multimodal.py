@@ -4,15 +4,12 @@ and the vision tower and projector left untouched."""
 from __future__ import annotations
 
 import torch
-from conftest import LLAMA_TARGETS, tiny_chat_llava
 from peft import get_peft_model
 from PIL import Image
+from testing_utils import LLAMA_TARGETS, tiny_chat_llava
 
 from peft_routing import RoutingLoraConfig
-from peft_routing.collate import IGNORE_INDEX, ChatCollator
-from peft_routing.data import load_examples
-from peft_routing.evaluation import answer_accuracy
-from peft_routing.training import learn_task
+from peft_routing.workflow import IGNORE_INDEX, ChatCollator, answer_accuracy, learn_task, load_examples
 
 FAST = dict(max_steps=10, learning_rate=2e-2, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=1,
             lr_scheduler_type="constant")

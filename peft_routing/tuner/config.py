@@ -1,0 +1,78 @@
+"""``RoutingLoraConfig``: LoRA's config plus the routing knobs of the method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+
+from ..ops.settings import RoutingSettings, check_routing_fields
+from .peft_type import routing_lora_peft_type
+
+# The attention and MLP projections of Llama-style decoders (Llama, Mistral, Qwen2, SmolLM2 ...): the usual
+# target_modules for adapting every linear layer of the language model.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# LoRA options whose forward or weights our routed layers do not reproduce; refused at construction rather than
+# silently ignored.
+_UNSUPPORTED_LORA_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "use_bdlora",
+    "arrow_config",
+    "alora_invocation_tokens",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "target_parameters",
+    "layer_replication",
+    "trainable_token_indices",
+)
+
+
+@dataclass
+class RoutingLoraConfig(LoraConfig):
+    """Configuration of one routed LoRA expert.
+
+    Every LoRA field keeps its meaning (``r``, ``lora_alpha``, ``target_modules``, ``rank_pattern``, ``use_rslora``
+    ...). The routing fields below describe how the whole library routes tokens in the ``"route"`` phase; a model
+    takes them from the config it was created with (``get_peft_model`` / ``PeftModel.from_pretrained``) and
+    ``set_phase("route", top_k=...)`` overrides them.
+    """
+
+    top_k: int = field(default=1, metadata={"help": "Experts chosen per token and module in the route phase."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature over the chosen scores."})
+    score_norm: str = field(
+        default="none",
+        metadata={"help": "'none': raw v . u (paper). 'standardize': PHATGOOSE, standardize u and v, scale 1/sqrt(d)."},
+    )
+    mixing: str = field(
+        default="softmax",
+        metadata={"help": "'softmax' over the chosen experts (paper eq. 4) or 'sigmoid' of each score (allows none)."},
+    )
+    language_model_only: bool = field(
+        default=True,
+        metadata={"help": "In a multimodal model adapt only the language model, never the vision tower/projector."},
+    )
+    # Filled by save_expert so add_expert can check that an expert fits a base model before changing anything.
+    base_model_type: str | None = field(default=None, metadata={"help": "model_type of the base model."})
+    base_hidden_size: int | None = field(default=None, metadata={"help": "hidden_size of the language model."})
+    module_shapes: dict | None = field(
+        default=None, metadata={"help": "Adapted module path -> [out_features, in_features, r]."}
+    )
+    expert_name: str | None = field(default=None, metadata={"help": "Name the expert was saved under."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = routing_lora_peft_type()
+        check_routing_fields(self.top_k, self.temperature, self.score_norm, self.mixing)
+        for option in _UNSUPPORTED_LORA_OPTIONS:
+            if getattr(self, option, None):
+                raise ValueError(
+                    f"RoutingLoraConfig does not support `{option}` (got {getattr(self, option)!r}); leave it unset. "
+                    "Routed experts are plain LoRA (A, B, scaling) plus a routing vector."
+                )
+
+    def routing_settings(self) -> RoutingSettings:
+        """The route-phase rule this config describes."""
+        return RoutingSettings(self.top_k, self.temperature, self.score_norm, self.mixing)
