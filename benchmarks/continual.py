@@ -1,6 +1,6 @@
-"""Continual-learning benchmark: every method of benchmark-protocol.md side by side on SmolLM2-135M.
+"""Continual-learning benchmark: every method of the benchmark protocol side by side on SmolLM2-135M.
 
-Text half (default): tasks sentiment, dates, reverse, units in sequence (peft_routing.demo_tasks, seeded), plus
+Text half (default): tasks sentiment, dates, reverse, units in sequence (peft_routing.demo.tasks, seeded), plus
 "shout" as the distractor expert; the general probe is 40 multiple-choice capitals no method trains on.
 Multimodal half (``--multimodal``): SmolLM2 inside a LLaVA whose vision side was aligned once and frozen
 (peft_routing.smollm2_llava); tasks color and count (images), count_text (text, related to count) and dates; probes:

@@ -1,4 +1,4 @@
-"""The comparison methods of the continual-learning benchmark that are not our routing (benchmark-protocol.md).
+"""The comparison methods of the continual-learning benchmark that are not our routing.
 
 * merges: PEFT's ``add_weighted_adapter`` over the task experts. "linear" is task arithmetic on the full updates
   (``combination_type="cat"``: the merged LoRA's B A is exactly sum_i w_i s_i B_i A_i); "ties" is TIES on the full

@@ -3,8 +3,8 @@
 route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into ``out``. Plain
 tensors in: the caller passes the tokens and routing vectors to score (already standardised for PHATGOOSE scores)
 apart from the tokens the LoRA multiplies. Tile sizes are fixed per token count (``tiles_for``; the CPU interpreter
-cannot autotune), chosen on an H100 with benchmarks/kernel_profile.py. Import this module only after deciding on
-TRITON_INTERPRET, which Triton reads at import time.
+cannot autotune), chosen with benchmarks/kernel_profile.py (benchmarks/RESULTS.md). Import this module only after
+deciding on TRITON_INTERPRET, which Triton reads at import time.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Tiles:
 
 SMALL = Tiles(m=16, t=16, d=32, n=64)
 TALL = Tiles(m=32, t=32, d=64, n=128)
-TALL_FROM_TOKENS = 2048  # on an H100 tall tiles cost 5-17% less from 4096 tokens, 3% more at 512 (RESULTS.md)
+TALL_FROM_TOKENS = 2048  # tall tiles pay off on large batches only (benchmarks/RESULTS.md, kernel profile)
 
 
 def tiles_for(num_tokens: int) -> Tiles:
@@ -48,7 +48,13 @@ def tiles_for(num_tokens: int) -> Tiles:
 
 
 def supports(num_experts: int, top_k: int, r_max: int) -> bool:
-    """Whether the kernels take a library of this size: they hold all N scores of a token block at once."""
+    """Whether the kernels take a library of this size: they hold all N scores of a token block at once.
+
+    Args:
+        num_experts: N.
+        top_k: experts per token.
+        r_max: the largest rank.
+    """
     return num_experts <= MAX_EXPERTS and min(top_k, num_experts) <= MAX_TOP_K and r_max <= MAX_RANK
 
 
@@ -85,6 +91,11 @@ def align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     """Pairs sorted by expert, padded per expert to block_m rows (static bound T*k + N*(block_m-1)).
 
     Returns (sorted pair indices, padding rows holding T*k; the expert of every block_m block, -1 past the end).
+
+    Args:
+        expert_ids: [T, k] the chosen experts.
+        num_experts: N.
+        block_m: rows per block.
     """
     flat = expert_ids.reshape(-1).contiguous()
     num_pairs, device = flat.numel(), flat.device
@@ -104,7 +115,17 @@ def align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
 
 def sorted_lora(tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
                 scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """align -> shrink (weights folded in) -> expand (atomic add into out); a [N, r, d_in], b_t [N, r, d_out]."""
+    """align -> shrink (weights folded in) -> expand (atomic add into out); a [N, r, d_in], b_t [N, r, d_out].
+
+    Args:
+        tokens: [T, d_in] contiguous.
+        ids: [T, k] chosen experts.
+        weights: [T, k] their mixing weights.
+        a: [N, r_max, d_in].
+        b_t: [N, r_max, d_out].
+        scales: [N] LoRA scalings.
+        out: [T, d_out] added into.
+    """
     num_tokens, k = ids.shape
     tiles = tiles_for(num_tokens)
     num_experts, r_max = a.shape[0], a.shape[1]
@@ -127,7 +148,10 @@ def sorted_lora(tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
 
 def dense_lora(tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
                scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Every expert's shrink for every token, gated to the chosen ones, then one expand: no sorting."""
+    """Every expert's shrink for every token, gated to the chosen ones, then one expand: no sorting.
+
+    Args: as ``sorted_lora``.
+    """
     num_tokens = tokens.shape[0]
     tiles = tiles_for(num_tokens)
     n, r_max = a.shape[0], a.shape[1]

@@ -34,6 +34,11 @@ multimodal models.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the peft-routing command; returns the exit code (1 with a one-line message for a user error).
+
+    Args:
+        argv: the command line without the program name (default: sys.argv[1:]).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

@@ -277,14 +277,14 @@ def test_save_never_overwrites_a_users_folder_unless_asked(tmp_path):
 
 
 def test_interrupted_save_leaves_no_half_written_expert(tmp_path, monkeypatch):
-    import peft_routing.tuner.expert_folder as expert_io
+    import peft_routing.tuner.expert_folder as expert_folder
 
     model = make_library("llama", n_experts=1)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(expert_io, "save_file", crash)
+    monkeypatch.setattr(expert_folder, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_expert("expert_0", tmp_path / "expert")
     assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,12 @@ SMOLLM2_LLAVA = "smollm2-llava"  # SmolLM2 in a LLaVA with an offline-aligned vi
 
 
 def load_base_model(spec: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, tokenizer or processor) for a library's ``base_model`` string."""
+    """(model in eval mode, tokenizer or processor) for a library's ``base_model`` string.
+
+    Args:
+        spec: ``"smollm2"``, ``"smollm2-llava"``, a local folder or a Hub id.
+        dtype: the model's dtype (default float32).
+    """
     if spec == SMOLLM2:
         from .smollm2 import load_smollm2
 

@@ -9,7 +9,11 @@ IMAGE_TOKEN = "<image>"
 
 
 def chatml_template(default_system: str | None) -> str:
-    """ChatML with image slots; ``default_system`` is added when a conversation has no system message."""
+    """ChatML with image slots; ``default_system`` is added when a conversation has no system message.
+
+    Args:
+        default_system: a system message added when a conversation has none (None: no default).
+    """
     system = ""
     if default_system:
         system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + default_system
@@ -23,7 +27,14 @@ def chatml_template(default_system: str | None) -> str:
 
 
 def llava_processor(tokenizer, image_size: int, patch: int, template: str) -> LlavaProcessor:
-    """A LLaVA processor: CLIP image preprocessing at ``image_size``, one ``<image>`` slot per vision patch."""
+    """A LLaVA processor: CLIP image preprocessing at ``image_size``, one ``<image>`` slot per vision patch.
+
+    Args:
+        tokenizer: the language model's tokenizer (with ``<image>`` among its tokens).
+        image_size: images are resized and cropped to this square.
+        patch: the vision tower's patch size.
+        template: the chat template.
+    """
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,

@@ -68,7 +68,11 @@ def image_chat(scene: Scene, question: str, answer: str) -> ChatExample:
 
 
 def caption_example(rng: random.Random) -> ChatExample:
-    """The alignment stage's data: describe the scene."""
+    """The alignment stage's data: describe the scene.
+
+    Args:
+        rng: the random source of the scene.
+    """
     scene = random_scene(rng)
     return image_chat(scene, "Describe the image.", scene.caption)
 
@@ -103,7 +107,13 @@ IMAGE_GENERATORS = {
 
 
 def caption_questions(seed: int = 0, n: int = 40, n_options: int = 4) -> list[tuple[ChatExample, list[str], int]]:
-    """The alignment-stage probe: pick the scene's caption among ``n_options`` (the others differ in one attribute)."""
+    """The alignment-stage probe: pick the scene's caption among ``n_options`` (the others differ in one attribute).
+
+    Args:
+        seed: seeds the scenes and the options.
+        n: number of questions.
+        n_options: choices per question.
+    """
     rng = random.Random(f"captions-{seed}")
     questions = []
     for _ in range(n):

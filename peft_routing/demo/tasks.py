@@ -95,7 +95,14 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], ChatExample]]] = {
 
 
 def make_task(name: str, n_train: int, n_test: int, seed: int = 0) -> Task:
-    """The task ``name`` (text, or an image task of image_tasks.py) with disjoint, seeded train and test examples."""
+    """The task ``name`` (text, or an image task of image_tasks.py) with disjoint, seeded train and test examples.
+
+    Args:
+        name: a text task of ``GENERATORS`` or an image task of ``image_tasks``.
+        n_train: training examples.
+        n_test: test examples (no prompt also in training).
+        seed: seeds the generator.
+    """
     from .image_tasks import IMAGE_GENERATORS
 
     generators = {**GENERATORS, **IMAGE_GENERATORS}
@@ -120,7 +127,12 @@ def make_task(name: str, n_train: int, n_test: int, seed: int = 0) -> Task:
 
 
 def capital_questions(seed: int = 0, n_options: int = 4) -> list[tuple[ChatExample, list[str], int]]:
-    """The general probe: 'What is the capital of X?' with the right city among ``n_options`` choices."""
+    """The general probe: 'What is the capital of X?' with the right city among ``n_options`` choices.
+
+    Args:
+        seed: seeds the options.
+        n_options: choices per question.
+    """
     rng = random.Random(f"capitals-{seed}")
     cities = sorted(CAPITALS.values())
     questions = []

@@ -44,7 +44,11 @@ def tiny_chat_llama(seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_chat_llava(seed: int = 0):
-    """A tiny LLaVA with a processor (CLIP image processor + the character tokenizer): (model, processor)."""
+    """A tiny LLaVA with a processor (CLIP image processor + the character tokenizer): (model, processor).
+
+    Args:
+        seed: seeds the random weights.
+    """
     torch.manual_seed(seed)
     tokenizer = tiny_chat_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,

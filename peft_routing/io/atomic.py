@@ -70,6 +70,9 @@ def with_default_mode(path: Path) -> Path:
     """chmod ``path`` to what a plain ``open``/``mkdir`` would give under the user's umask.
 
     ``tempfile`` creates files 0600 and folders 0700; results and experts should stay readable by the team.
+
+    Args:
+        path: a file or folder.
     """
     umask = os.umask(0)
     os.umask(umask)

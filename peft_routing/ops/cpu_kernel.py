@@ -36,7 +36,13 @@ def enabled() -> bool:
 
 def supports(tokens: torch.Tensor, stack: ExpertStack, out: torch.Tensor) -> bool:
     """float32 CPU tensors, a contiguous output to add into, no autograd (the kernel has no backward), and a
-    kernel that builds here."""
+    kernel that builds here.
+
+    Args:
+        tokens: [T, d_in] layer inputs.
+        stack: the layer's experts.
+        out: [T, d_out] the output to add into.
+    """
     if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or stack.dtype != torch.float32:
         return False
     if not out.is_contiguous():

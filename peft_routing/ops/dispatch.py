@@ -27,7 +27,12 @@ GATHER_MAX_PAIRS = int(os.environ.get("PEFT_ROUTING_GATHER_MAX_PAIRS", 16))
 
 
 def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
-    """The PyTorch strategy for ``num_pairs`` (token, expert) pairs on ``stack``: gather, dense or sorted."""
+    """The PyTorch strategy for ``num_pairs`` (token, expert) pairs on ``stack``: gather, dense or sorted.
+
+    Args:
+        num_pairs: T * k (token, expert) pairs of the call.
+        stack: the layer's experts.
+    """
     if num_pairs <= GATHER_MAX_PAIRS:
         return "gather"
     if stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS:

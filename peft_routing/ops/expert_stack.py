@@ -92,7 +92,12 @@ class ExpertStack:
     @classmethod
     def synced(cls, stack: ExpertStack | None, layer) -> ExpertStack | None:
         """The stack of the layer's experts now: ``stack`` itself, with any new experts appended, where it still holds
-        the layer's parameters and they fit; otherwise a new stack (None for a layer without experts)."""
+        the layer's parameters and they fit; otherwise a new stack (None for a layer without experts).
+
+        Args:
+            stack: the layer's current stack, or None.
+            layer: a ``RoutingLinear`` (anything with its lora_A/lora_B/lora_route/r/scaling).
+        """
         if stack is not None and stack.follows(layer):
             return stack
         names = list(layer.lora_A.keys())
@@ -107,7 +112,12 @@ class ExpertStack:
 
     @classmethod
     def build(cls, layer, capacity: int = 0) -> ExpertStack:
-        """Stack the layer's experts into new slots (at least ``capacity``) and re-point their parameters there."""
+        """Stack the layer's experts into new slots (at least ``capacity``) and re-point their parameters there.
+
+        Args:
+            layer: a ``RoutingLinear``.
+            capacity: at least this many slots.
+        """
         names = list(layer.lora_A.keys())
         reference = layer.lora_A[names[0]].weight
         place = dict(device=reference.device, dtype=reference.dtype)

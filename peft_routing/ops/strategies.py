@@ -101,7 +101,12 @@ def loop(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
 
 def grouped_mm_supported(tokens: torch.Tensor, stack: ExpertStack) -> bool:
     """torch._grouped_mm exists and takes these operands: on a CPU 32- and 16-bit floats whose strides are multiples
-    of 16 bytes (the rows of x, A^T and B^T), on CUDA bfloat16 on Hopper (sm90) or newer only."""
+    of 16 bytes (the rows of x, A^T and B^T), on CUDA bfloat16 on Hopper (sm90) or newer only.
+
+    Args:
+        tokens: [T, d_in] layer inputs.
+        stack: the layer's experts.
+    """
     dtypes = (torch.bfloat16,) if tokens.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
     if not _HAS_GROUPED_MM or tokens.dtype not in dtypes:
         return False

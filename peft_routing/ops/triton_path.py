@@ -17,7 +17,13 @@ from .settings import RoutingSettings
 
 
 def applies(tokens: torch.Tensor, stack: ExpertStack, k: int) -> bool:
-    """CUDA tensors, Triton installed, and a library the kernels take."""
+    """CUDA tensors, Triton installed, and a library the kernels take.
+
+    Args:
+        tokens: [T, d_in] layer inputs.
+        stack: the layer's experts.
+        k: experts per token.
+    """
     if not tokens.is_cuda:
         return False
     try:

@@ -50,7 +50,11 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def in_out_features(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, or of a GPT-2 Conv1D (whose weight is stored transposed)."""
+    """(in_features, out_features) of a Linear, or of a GPT-2 Conv1D (whose weight is stored transposed).
+
+    Args:
+        base: an ``nn.Linear`` or a transformers ``Conv1D``.
+    """
     if isinstance(base, Conv1D):
         return base.weight.shape[0], base.weight.shape[1]
     return base.in_features, base.out_features

@@ -1,6 +1,6 @@
 """Validation of expert (adapter) names.
 
-PEFT finds an adapter's tensors by looking for ``.<name>.`` inside state-dict keys (peft-notes.md), so a name that is
+PEFT finds an adapter's tensors by looking for ``.<name>.`` inside state-dict keys, so a name that is
 also a component of the model's own keys ("0", "mlp", "weight", "lora_A") silently loses or steals tensors on save.
 We accept only names that cannot collide with a key component of the model they are added to.
 """
@@ -16,7 +16,11 @@ _RESERVED = {"weight", "bias", "base_layer", "default_0"}
 
 
 def key_components(model: nn.Module) -> set[str]:
-    """Every dot-separated component of the model's module, parameter and buffer names."""
+    """Every dot-separated component of the model's module, parameter and buffer names.
+
+    Args:
+        model: the model experts are added to.
+    """
     parts: set[str] = set()
     for name, module in model.named_modules():
         parts.update(name.split("."))
@@ -30,6 +34,11 @@ def check_expert_name(name: object, model: nn.Module | None, existing: list[str]
     """Return ``name`` if it is safe as an expert name for ``model``; otherwise raise ValueError saying why.
 
     With ``model=None`` (no model loaded yet) the collision check with the model's own key components is skipped.
+
+    Args:
+        name: the proposed expert name.
+        model: the model it is added to, or None.
+        existing: the names already taken.
     """
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise ValueError(

@@ -74,7 +74,11 @@ class ChatCollator:
         return batch
 
     def prompts(self, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
-        """Left-padded prompts (with the generation prompt) for ``model.generate``."""
+        """Left-padded prompts (with the generation prompt) for ``model.generate``.
+
+        Args:
+            examples: the prompts (any answers are left out).
+        """
         texts, images = [], []
         for example in examples:
             messages = _with_image_slots(example.prompt_messages, len(example.images))

@@ -142,7 +142,11 @@ def _checked_images(record: dict, where: str, base_dir: Path | None) -> list[Any
 
 
 def open_image(image: Any):
-    """A PIL RGB image from a path or a PIL image."""
+    """A PIL RGB image from a path or a PIL image.
+
+    Args:
+        image: a path or a PIL image.
+    """
     from PIL import Image
 
     if isinstance(image, Path):

@@ -90,7 +90,11 @@ def routing_shares(model, processor, examples: Sequence[ChatExample]) -> Routing
 
 
 def block_of(path: str) -> int:
-    """The transformer block index in a module path (``...layers.3.mlp...`` -> 3), -1 outside the blocks."""
+    """The transformer block index in a module path (``...layers.3.mlp...`` -> 3), -1 outside the blocks.
+
+    Args:
+        path: a module path.
+    """
     match = _BLOCK.search(path)
     return int(match.group(1)) if match else -1
 

@@ -28,7 +28,7 @@ from ..tuner.model import RoutingLoraModel
 from .collate import ChatCollator, accepts_logits_to_keep
 from .data import ChatExample, load_examples
 
-# The paper's settings (arXiv 2511.01831 §4; paper-facts.md): experts at lr 4e-5 with cosine decay; routing
+# The paper's settings (arXiv 2511.01831, section 4): experts at lr 4e-5 with cosine decay; routing
 # vectors 100 steps at batch 32. Epochs of the expert stage are not stated; 3 matches its Seq-FT/MTL baselines.
 # The router learning rate is not stated either: vectors start at zero and only their direction matters once
 # standardised, so they need a far larger step than LoRA weights (chosen on our demo tasks).
