@@ -1,7 +1,7 @@
 """A LLaVA-style model learns two image tasks one after another; only its language model is adapted.
 
 Runs in seconds offline: the model is a tiny LLaVA built from a config (CLIP vision tower + 2-block Llama, random
-weights, a character tokenizer; peft_routing.tiny_models), and the images are drawn with PIL. With a real LLaVA
+weights, a character tokenizer; peft_routing.demo.tiny_models), and the images are drawn with PIL. With a real LLaVA
 checkpoint, pass its model and AutoProcessor instead; nothing else changes.
 
 What it shows: the image-task training path (processor chat template, image tokens, answer-only loss), the vision
