@@ -20,7 +20,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -46,12 +45,12 @@ from continual_report import cost_table, growth_table, method_table, order_table
 from peft import PeftModel, get_peft_model  # noqa: E402
 
 import peft_routing  # noqa: E402,F401
-from peft_routing import RoutingLoraConfig  # noqa: E402
+from peft_routing import LLAMA_PROJECTIONS, RoutingLoraConfig  # noqa: E402
 from peft_routing.demo.base_models import load_base_model  # noqa: E402
 from peft_routing.demo.image_tasks import caption_questions  # noqa: E402
 from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
-from peft_routing.io import write_json_atomic  # noqa: E402
-from peft_routing.workflow import (  # noqa: E402  # noqa: E402  # noqa: E402
+from peft_routing.io import cache_root, write_json_atomic  # noqa: E402
+from peft_routing.workflow import (  # noqa: E402
     answer_accuracy,
     choice_accuracy,
     learn_task,
@@ -61,8 +60,7 @@ from peft_routing.workflow import (  # noqa: E402  # noqa: E402  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CACHE = Path(os.environ.get("PEFT_ROUTING_CACHE", Path.home() / ".cache" / "peft-routing")) / "continual"
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CACHE = cache_root() / "continual"
 VERSION = 1  # bump when a change invalidates cached adapters or scores
 
 
@@ -153,7 +151,8 @@ class Bench:
     # ------------------------------------------------------------------------------------------- training
     def config(self) -> RoutingLoraConfig:
         layers = getattr(self.base.config, "text_config", self.base.config).num_hidden_layers
-        return RoutingLoraConfig(r=self.settings.rank, lora_alpha=2 * self.settings.rank, target_modules=PROJECTIONS,
+        return RoutingLoraConfig(r=self.settings.rank, lora_alpha=2 * self.settings.rank,
+                                 target_modules=LLAMA_PROJECTIONS,
                                  layers_to_transform=list(range(layers - self.settings.top_layers, layers)), top_k=1,
                                  language_model_only=self.settings.base != "smollm2")
 

@@ -37,14 +37,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_routing  # noqa: E402,F401
-from peft_routing import RoutingLoraConfig  # noqa: E402
+from peft_routing import LLAMA_PROJECTIONS, RoutingLoraConfig  # noqa: E402
 from peft_routing.ops import (
     ExpertStack,  # noqa: E402
     RoutingSettings,  # noqa: E402
     routed_forward,  # noqa: E402
 )
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_PARTS = ("layer", "whole", "decode", "calls")
 

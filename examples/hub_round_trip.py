@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from peft_routing import RoutingLoraConfig
+from peft_routing import LLAMA_PROJECTIONS, RoutingLoraConfig
 from peft_routing.demo.tiny_models import tiny_chat_llama
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 
 
 def make_library(seed: int):
