@@ -26,8 +26,8 @@ __version__ = "0.1.0"
 
 _LAZY = {name: "peft_routing.workflow" for name in (
     "ChatCollator", "ChatExample", "DataError", "ExpertLibrary", "LibraryError", "answer_accuracy",
-    "choice_accuracy", "learn_task", "load_examples", "plot_routing", "routing_shares", "train_expert",
-    "train_router",
+    "choice_accuracy", "compute_prototype", "learn_task", "load_examples", "plot_routing", "routing_shares",
+    "train_expert", "train_router",
 )}
 _LAZY["run_demo"] = "peft_routing.demo"
 

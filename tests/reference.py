@@ -80,3 +80,57 @@ def gated_delta(u: torch.Tensor, expert: ExpertTensors) -> torch.Tensor:
     """Router phase, eq. 2: sigmoid(v . u) s B A u."""
     gate = 1.0 / (1.0 + math.exp(-float(expert.v.double() @ u.double())))
     return gate * expert.s * (expert.B.double() @ (expert.A.double() @ u.double()))
+
+
+def prefix_features(hidden: torch.Tensor, mask: list[bool]) -> list[list[float] | None]:
+    """g_t = mean over real s <= t of h_s / |h_s| for one sequence [S, d]; None where no real position came yet."""
+    features, total, count = [], None, 0
+    for t in range(hidden.shape[0]):
+        if mask[t]:
+            h = hidden[t].double().tolist()
+            norm = math.sqrt(sum(x * x for x in h))
+            unit = [x / norm for x in h]
+            total = unit if total is None else [a + b for a, b in zip(total, unit)]
+            count += 1
+        features.append(None if total is None else [x / count for x in total])
+    return features
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    norm_a, norm_b = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+    return sum(x * y for x, y in zip(a, b)) / (norm_a * norm_b) if norm_a and norm_b else 0.0
+
+
+def prototype_rule(feature: list[float] | None, prototypes: list[list[float]], floors: list[float], router: str,
+                   candidates: int, margin: float, prior: float, fallback: str,
+                   prior_temperature: float) -> tuple[list[float], bool]:
+    """(bias added to each expert's token score, whether the token keeps any expert) for one position."""
+    cos = [0.0 if feature is None else cosine(feature, p) for p in prototypes]
+    order = sorted(range(len(cos)), key=lambda j: (-cos[j], j))
+    if router == "prototype":
+        candidates, margin, prior = 1, 0.0, 0.0
+    if prior > 0:
+        top = max(c / prior_temperature for c in cos)
+        log_total = top + math.log(sum(math.exp(c / prior_temperature - top) for c in cos))
+        bias = [prior * (c / prior_temperature - log_total) for c in cos]
+    else:
+        allowed = set(order[:candidates])
+        bias = [0.0 if j in allowed else -math.inf for j in range(len(cos))]
+    if margin > 0 and len(cos) > 1 and cos[order[0]] - cos[order[1]] < margin:
+        bias = [0.0] * len(cos)
+    keep = fallback != "base" or cos[order[0]] >= floors[order[0]]
+    return bias, keep
+
+
+def routed_delta_biased(u: torch.Tensor, experts: list[ExpertTensors], bias: list[float], keep: bool, top_k: int,
+                        temperature: float, score_norm: str, mixing: str) -> torch.Tensor:
+    """routed_delta with a per-expert bias on the scores, and nothing for a token that keeps no expert."""
+    delta = torch.zeros(experts[0].B.shape[0], dtype=torch.float64)
+    scores = [s + b for s, b in zip(token_scores(u, experts, score_norm), bias)]
+    if not keep or not any(math.isfinite(s) for s in scores):
+        return delta
+    for j, w in choose(scores, top_k, temperature, mixing):
+        if w > 0:
+            e = experts[j]
+            delta += w * e.s * (e.B.double() @ (e.A.double() @ u.double()))
+    return delta

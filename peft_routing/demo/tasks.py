@@ -71,6 +71,11 @@ def _km_to_m(rng: random.Random) -> ChatExample:
     return _chat(f"Convert {km} km to meters.", f"{km * 1000} m")
 
 
+def _km_to_cm(rng: random.Random) -> ChatExample:
+    km = rng.randint(2, 999)
+    return _chat(f"Convert {km} km to centimeters.", f"{km * 100000} cm")
+
+
 def _reverse_list(rng: random.Random) -> ChatExample:
     items = rng.sample(FRUITS, 3)
     return _chat(f"Reverse the list: {', '.join(items)}", ", ".join(reversed(items)))
@@ -89,6 +94,7 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], ChatExample]]] = {
     "sentiment": ("restaurant-review sentiment, answered 'positive' or 'negative'", _sentiment),
     "dates": ("an ISO date written out as '17 May 2023'", _date_in_words),
     "units": ("kilometres converted to metres, as '5000 m'", _km_to_m),
+    "units_cm": ("kilometres converted to centimetres, as '500000 cm' (the task related to 'units')", _km_to_cm),
     "reverse": ("a list of three fruits in reverse order", _reverse_list),
     "shout": ("three words in capitals with an exclamation mark (the benchmark's distractor)", _shout),
 }

@@ -2,6 +2,7 @@
 
 from .atomic import staged_path, write_json_atomic
 from .cache import cache_root
-from .hub import push_folder_to_hub, resolve_expert_folder
+from .hub import fetch_file, push_folder_to_hub, resolve_expert_folder
 
-__all__ = ["cache_root", "push_folder_to_hub", "resolve_expert_folder", "staged_path", "write_json_atomic"]
+__all__ = ["cache_root", "fetch_file", "push_folder_to_hub", "resolve_expert_folder", "staged_path",
+           "write_json_atomic"]

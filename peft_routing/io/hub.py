@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 
 def resolve_expert_folder(
@@ -40,6 +40,31 @@ def resolve_expert_folder(
             f"({type(error).__name__}: {error}). Check the path or repo id, the revision and your network/token."
         ) from error
     return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+
+def fetch_file(path_or_repo_id: str | os.PathLike, filename: str, subfolder: str | None = None,
+               **hub_kwargs) -> Path:
+    """One file of a local folder or a Hub repo (downloaded into, or found in, the HF cache).
+
+    Args:
+        path_or_repo_id: a local folder, or a Hub model repo id.
+        filename: the file's name inside it (no folders: a name from a config cannot point elsewhere).
+        subfolder: the folder inside the repo or local folder.
+        **hub_kwargs: ``revision``, ``token``, ``cache_dir`` ... for ``hf_hub_download``.
+    """
+    if Path(filename).name != filename:
+        raise ValueError(f"{filename!r} is not a plain file name.")
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        path = (local / subfolder if subfolder else local) / filename
+        if path.is_symlink() or not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (or is a symlink, which is never followed).")
+        return path
+    try:
+        return Path(hf_hub_download(str(path_or_repo_id), filename, subfolder=subfolder or None, **hub_kwargs))
+    except Exception as error:  # huggingface_hub raises several types (offline, not found, gated, bad id)
+        raise FileNotFoundError(f"Could not get {filename} of {path_or_repo_id!r} ({type(error).__name__}: "
+                                f"{error}).") from error
 
 
 def push_folder_to_hub(

@@ -14,6 +14,7 @@ import torch
 
 from . import cpu_kernel, strategies, triton_path
 from .expert_stack import ExpertStack
+from .prototypes import PrototypeDecision
 from .routing import Routes
 from .settings import RoutingSettings
 
@@ -41,7 +42,8 @@ def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
 
 
 def routed_forward(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, strategy: str = "auto",
-                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, Routes]:
+                   out: torch.Tensor | None = None,
+                   decision: PrototypeDecision | None = None) -> tuple[torch.Tensor, Routes]:
     """Add every token's routed LoRA to ``out`` (in place) and return ``(out, routes)``.
 
     Accumulating into the base layer's output saves a full pass over a [T, d_out] tensor per layer.
@@ -52,35 +54,56 @@ def routed_forward(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSe
         settings: the routing rule.
         strategy: one of ``STRATEGIES``; ``"auto"`` picks the fastest that applies.
         out: [T, d_out] to add into (the base layer's output); zeros when None.
+        decision: the prototype routers' bias and keep flags for these tokens and this stack's experts, or None.
     """
     if out is None:
         out = tokens.new_zeros(tokens.shape[0], stack.b_t.shape[-1])
-    if tokens.shape[0] == 0:
-        empty = torch.empty(0, min(settings.top_k, stack.num_experts), dtype=torch.long, device=tokens.device)
-        return out, Routes(expert_ids=empty, weights=empty.to(tokens.dtype))
-    strategy = _resolve(strategy, tokens, stack, settings, out)
+    settings = settings.layer_rule
+    keep = None if decision is None else decision.keep
+    if tokens.shape[0] == 0 or (keep is not None and not bool(keep.any())):
+        k = min(settings.top_k, stack.num_experts)
+        ids = torch.zeros(tokens.shape[0], k, dtype=torch.long, device=tokens.device)
+        return out, Routes(expert_ids=ids, weights=ids.to(tokens.dtype))  # no token takes an expert
+    if keep is not None:  # a kept-out token's LoRA input is zero, so whatever it picks adds exactly nothing
+        tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
+    bias = None if decision is None else decision.bias
+    out, routes = _routed(tokens, stack, settings, strategy, out, bias)
+    if keep is not None:
+        routes = Routes(expert_ids=routes.expert_ids, weights=routes.weights * keep.unsqueeze(-1))
+    return out, routes
+
+
+def _routed(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, strategy: str, out: torch.Tensor,
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, Routes]:
+    strategy = _resolve(strategy, tokens, stack, settings, out, biased=bias is not None)
     if strategy == "triton":
         dense = stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS
         return triton_path.routed_forward(tokens, stack, settings, out, dense=dense)
     if strategy == "cpu_kernel":
-        scores = strategies.stack_scores(tokens, stack, settings.score_norm)
+        scores = strategies.biased_scores(tokens, stack, settings, bias)
         return out, cpu_kernel.routed_lora_(tokens, scores, stack, settings, out)
     if strategy == "dense":
-        return strategies.dense(tokens, stack, settings, out)
+        return strategies.dense(tokens, stack, settings, out, bias)
     if strategy == "gather":
-        return strategies.gather(tokens, stack, settings, out)
+        return strategies.gather(tokens, stack, settings, out, bias)
     if strategy in ("sorted", "padded", "grouped"):
-        return strategies.sorted_pairs(tokens, stack, settings, out, layout=strategy)
-    return strategies.loop(tokens, stack, settings, out)
+        return strategies.sorted_pairs(tokens, stack, settings, out, layout=strategy, bias=bias)
+    return strategies.loop(tokens, stack, settings, out, bias)
 
 
 def _resolve(strategy: str, tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
-             out: torch.Tensor) -> str:
-    """``auto`` and ``torch`` made concrete; a forced compiled kernel that cannot run raises."""
+             out: torch.Tensor, biased: bool = False) -> str:
+    """``auto`` and ``torch`` made concrete; a forced compiled kernel that cannot run raises.
+
+    The Triton kernels score the tokens themselves and take no prototype bias: biased calls take the PyTorch path.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown routing strategy {strategy!r}; use one of {STRATEGIES}.")
     k = min(settings.top_k, stack.num_experts)
-    if strategy == "auto" and (BACKEND == "triton" or (BACKEND != "torch" and triton_path.applies(tokens, stack, k))):
+    if strategy == "triton" and biased:
+        raise ValueError("The Triton kernels do not take the prototype routers' bias yet; use strategy 'auto'.")
+    triton_wanted = BACKEND == "triton" or (BACKEND != "torch" and triton_path.applies(tokens, stack, k))
+    if strategy == "auto" and triton_wanted and not biased:
         return "triton"
     if strategy == "auto" and cpu_kernel.supports(tokens, stack, out):
         return "cpu_kernel"

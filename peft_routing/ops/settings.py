@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 SCORE_NORMS = ("none", "standardize")
 MIXINGS = ("softmax", "sigmoid")
+ROUTERS = ("token", "prototype", "token+prototype")
+FALLBACKS = ("none", "base")
 
 
 def check_routing_fields(top_k: int, temperature: float, score_norm: str, mixing: str) -> None:
@@ -30,6 +33,28 @@ def check_routing_fields(top_k: int, temperature: float, score_norm: str, mixing
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}.")
 
 
+def check_prototype_fields(router: str, prototype_candidates: int, prototype_margin: float, prototype_prior: float,
+                           fallback: str) -> None:
+    """Raise a ValueError naming the first invalid prototype-routing setting (``RoutingSettings`` has their meaning).
+
+    Args:
+        router: one of ``ROUTERS``.
+        prototype_candidates: an integer >= 1.
+        prototype_margin: a finite number >= 0.
+        prototype_prior: a finite number >= 0.
+        fallback: one of ``FALLBACKS``.
+    """
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {ROUTERS}, got {router!r}.")
+    if isinstance(prototype_candidates, bool) or not isinstance(prototype_candidates, int) or prototype_candidates < 1:
+        raise ValueError(f"prototype_candidates must be an integer >= 1, got {prototype_candidates!r}.")
+    for name, value in (("prototype_margin", prototype_margin), ("prototype_prior", prototype_prior)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
+
+
 @dataclass(frozen=True)
 class RoutingSettings:
     """How the route phase scores, picks and mixes experts (``ops.routing`` has the equations).
@@ -39,18 +64,48 @@ class RoutingSettings:
         temperature: softmax temperature over the chosen experts' scores.
         score_norm: ``"none"`` (the paper's raw ``v . u``) or ``"standardize"`` (PHATGOOSE).
         mixing: ``"softmax"`` over the chosen experts, or ``"sigmoid"`` of each score (all may be ~0).
+        router: ``"token"`` (the paper: token scores alone), ``"prototype"`` (REPRO in one pass: every position
+            takes the expert whose task prototype is nearest to its prefix, at full weight) or
+            ``"token+prototype"`` (token scores, restricted to or biased towards the nearest prototypes).
+        prototype_candidates: token+prototype: the token top-k picks among this many nearest prototypes' experts.
+        prototype_margin: token+prototype: restrict only where the nearest prototype's cosine leads the second's by
+            at least this much; elsewhere the token scores alone decide (a confidence gate).
+        prototype_prior: token+prototype: when > 0, add ``prior * log softmax(cosines / PRIOR_TEMPERATURE)`` to the
+            token scores instead of restricting them.
+        fallback: ``"base"``: a position whose prefix is farther from every prototype than that expert's own
+            training prompts were (the prototype's floor) gets no expert, i.e. the base model; ``"none"``: never.
     """
 
     top_k: int = 1
     temperature: float = 1.0
     score_norm: str = "none"
     mixing: str = "softmax"
+    router: str = "token"
+    prototype_candidates: int = 1
+    prototype_margin: float = 0.0
+    prototype_prior: float = 0.0
+    fallback: str = "none"
 
     def __post_init__(self) -> None:
         check_routing_fields(self.top_k, self.temperature, self.score_norm, self.mixing)
+        check_prototype_fields(self.router, self.prototype_candidates, self.prototype_margin, self.prototype_prior,
+                               self.fallback)
+
+    @cached_property
+    def layer_rule(self) -> RoutingSettings:
+        """What each layer applies to its biased scores: the prototype router's one expert at full weight is top-1
+        with softmax mixing; every other rule is itself."""
+        if self.router == "prototype" and (self.top_k, self.mixing) != (1, "softmax"):
+            return self.replace(top_k=1, mixing="softmax")
+        return self
+
+    @property
+    def uses_prototypes(self) -> bool:
+        """Whether the route phase needs the experts' prototypes (any router but ``"token"``)."""
+        return self.router != "token"
 
     def replace(self, **overrides) -> RoutingSettings:
         """A copy with the overrides that are not None applied (and validated)."""
-        values = dict(vars(self))
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RoutingSettings(**values)

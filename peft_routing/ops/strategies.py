@@ -42,10 +42,24 @@ def stack_scores(tokens: torch.Tensor, stack: ExpertStack, score_norm: str) -> t
     return torch.nn.functional.linear(tokens, stack.vectors)  # x V^T without a transposed view: one op fewer
 
 
-def dense(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
-          out: torch.Tensor) -> tuple[torch.Tensor, Routes]:
+def biased_scores(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``stack_scores`` plus the prototype routers' bias [T, N] (``prototypes.decide``), if any.
+
+    Args:
+        tokens: [T, d_in] layer inputs.
+        stack: the layer's experts.
+        settings: the routing rule (its score_norm).
+        bias: [T, N] added to the scores, or None.
+    """
+    scores = stack_scores(tokens, stack, settings.score_norm)
+    return scores if bias is None else scores + bias.to(scores.dtype)
+
+
+def dense(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, Routes]:
     """Every expert's shrink for every token, masked to the chosen experts, then one expand."""
-    routes = select_experts(stack_scores(tokens, stack, settings.score_norm), settings)
+    routes = select_experts(biased_scores(tokens, stack, settings, bias), settings)
     shrunk = torch.nn.functional.linear(tokens, stack.a_rows)
     num_tokens = shrunk.shape[0]
     gates = shrunk.new_zeros(num_tokens, stack.num_experts)
@@ -54,15 +68,15 @@ def dense(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
     return out.addmm_(masked.view(num_tokens, -1), stack.b_rows), routes
 
 
-def gather(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
-           out: torch.Tensor) -> tuple[torch.Tensor, Routes]:
+def gather(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor,
+           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, Routes]:
     """Only the chosen experts' A and B are read: gathered copies and two bmm, or, for at most FEW_PAIRS pairs,
     matrix-vector products on views (a third of the ops: on a CPU each small op costs more than its arithmetic)."""
     if tokens.shape[0] * min(settings.top_k, stack.num_experts) <= FEW_PAIRS:
-        decoded = _few_pairs(tokens, stack, settings, out)
+        decoded = _few_pairs(tokens, stack, settings, out, bias)
         if decoded is not None:
             return decoded
-    routes = select_experts(stack_scores(tokens, stack, settings.score_norm), settings)
+    routes = select_experts(biased_scores(tokens, stack, settings, bias), settings)
     num_tokens, k = routes.expert_ids.shape
     ids = routes.expert_ids.reshape(-1)
     a = stack.a[ids]  # [P, r, d_in]
@@ -74,9 +88,9 @@ def gather(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
 
 
 def sorted_pairs(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor,
-                 layout: str = "sorted") -> tuple[torch.Tensor, Routes]:
+                 layout: str = "sorted", bias: torch.Tensor | None = None) -> tuple[torch.Tensor, Routes]:
     """The pairs sorted by expert, in the ``"padded"`` or ``"grouped"`` layout (``"sorted"``: ``sorted_layout``)."""
-    routes = select_experts(stack_scores(tokens, stack, settings.score_norm), settings)
+    routes = select_experts(biased_scores(tokens, stack, settings, bias), settings)
     pairs = SortedPairs.of(routes, stack, tokens.dtype)
     counts = pairs.counts.tolist()
     can_group = grouped_mm_supported(tokens, stack)
@@ -92,10 +106,10 @@ def sorted_pairs(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSett
     return out.index_add_(0, pairs.tokens, torch._grouped_mm(shrunk, stack.b_t, offs=ends)), routes
 
 
-def loop(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
-         out: torch.Tensor) -> tuple[torch.Tensor, Routes]:
+def loop(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor,
+         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, Routes]:
     """The reference: one expert at a time (``routing.routed_lora_delta``)."""
-    routes = select_experts(stack_scores(tokens, stack, settings.score_norm), settings)
+    routes = select_experts(biased_scores(tokens, stack, settings, bias), settings)
     return out.add_(_delta_by_loop(tokens, routes, stack)), routes
 
 
@@ -176,16 +190,17 @@ def _delta_by_loop(tokens: torch.Tensor, routes: Routes, stack: ExpertStack) -> 
     return routed_lora_delta(tokens, routes, a, b, stack.scales.tolist())
 
 
-def _few_pairs(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
-               out: torch.Tensor) -> tuple[torch.Tensor, Routes] | None:
+def _few_pairs(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor, Routes] | None:
     """Decoding a token or two: the top-k and mixing weights of a few score rows are picked in Python, then each
     pair is one matrix-vector product into A_j and one accumulating product out of B_j, on views of the stack.
 
-    None for non-finite scores, which the batched path handles.
+    None for NaN or +inf scores, or a row without a finite one, which the batched path handles (-inf, a prototype
+    router's "not this expert", stays here).
     """
-    rows = stack_scores(tokens, stack, settings.score_norm).tolist()
-    if not all(math.isfinite(sum(row)) for row in rows):  # a nan or inf makes the sum non-finite
-        return None
+    rows = biased_scores(tokens, stack, settings, bias).tolist()
+    if not all(math.isfinite(max(row)) and not math.isnan(sum(row)) for row in rows):
+        return None  # +inf or NaN anywhere makes max or sum non-finite or NaN; -inf alone does neither
     k = min(settings.top_k, stack.num_experts)
     a, b, scales = stack.expert_views()
     ids, weights = [], []

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from ..ops.settings import RoutingSettings, check_routing_fields
+from ..ops.settings import RoutingSettings, check_prototype_fields, check_routing_fields
 from .peft_type import routing_lora_peft_type
+from .prototype import read_prototype_vector
 
 # The attention and MLP projections of Llama-style decoders (Llama, Mistral, Qwen2, SmolLM2 ...): the usual
 # target_modules for adapting every linear layer of the language model.
@@ -50,6 +51,16 @@ class RoutingLoraConfig(LoraConfig):
         default="softmax",
         metadata={"help": "'softmax' over the chosen experts (paper eq. 4) or 'sigmoid' of each score (allows none)."},
     )
+    router: str = field(
+        default="token",
+        metadata={"help": "'token' (paper), 'prototype' (REPRO in one pass) or 'token+prototype' (ops.prototypes)."},
+    )
+    prototype_candidates: int = field(default=1, metadata={"help": "token+prototype: nearest prototypes allowed."})
+    prototype_margin: float = field(default=0.0, metadata={"help": "token+prototype: confidence gate on the lead."})
+    prototype_prior: float = field(default=0.0, metadata={"help": "token+prototype: weight of the log-prior."})
+    fallback: str = field(
+        default="none", metadata={"help": "'base': no expert where the prefix is far from every prototype."}
+    )
     language_model_only: bool = field(
         default=True,
         metadata={"help": "In a multimodal model adapt only the language model, never the vision tower/projector."},
@@ -61,11 +72,20 @@ class RoutingLoraConfig(LoraConfig):
         default=None, metadata={"help": "Adapted module path -> [out_features, in_features, r]."}
     )
     expert_name: str | None = field(default=None, metadata={"help": "Name the expert was saved under."})
+    prototype: dict | None = field(
+        default=None,
+        metadata={"help": "How the task prototype in prototype.safetensors was computed: layer, pooling, examples, "
+                          "floor (tuner.prototype)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = routing_lora_peft_type()
         check_routing_fields(self.top_k, self.temperature, self.score_norm, self.mixing)
+        check_prototype_fields(self.router, self.prototype_candidates, self.prototype_margin, self.prototype_prior,
+                               self.fallback)
+        # the prototype's vector, read with the config (from_pretrained) and never written into adapter_config.json
+        self.prototype_vector = getattr(self, "prototype_vector", None)
         for option in _UNSUPPORTED_LORA_OPTIONS:
             if getattr(self, option, None):
                 raise ValueError(
@@ -73,6 +93,21 @@ class RoutingLoraConfig(LoraConfig):
                     "Routed experts are plain LoRA (A, B, scaling) plus a routing vector."
                 )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, plus the prototype vector when the config says the expert has one.
+
+        PeftModel.from_pretrained and load_adapter read the config through this, so the prototype arrives by every
+        way an expert is loaded.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if config.prototype is not None:
+            hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+            hub_kwargs.pop("user_agent", None)
+            config.prototype_vector = read_prototype_vector(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+        return config
+
     def routing_settings(self) -> RoutingSettings:
         """The route-phase rule this config describes."""
-        return RoutingSettings(self.top_k, self.temperature, self.score_norm, self.mixing)
+        return RoutingSettings(self.top_k, self.temperature, self.score_norm, self.mixing, self.router,
+                               self.prototype_candidates, self.prototype_margin, self.prototype_prior, self.fallback)

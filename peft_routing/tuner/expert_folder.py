@@ -3,7 +3,8 @@
 An expert folder is ``adapter_config.json`` + ``adapter_model.safetensors`` whose keys are PEFT's
 (``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``) plus ``base_model.model.<module>.lora_route``.
 A plain-LoRA export has a stock ``LoraConfig`` and no route keys; its routing vectors and routing settings go into
-the side file ``routing_vectors.safetensors`` that :func:`read_expert_folder` picks up again.
+the side file ``routing_vectors.safetensors`` that :func:`read_expert_folder` picks up again. An expert with a task
+prototype also holds ``prototype.safetensors`` (``tuner.prototype``), in both layouts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io.atomic import staged_path
 from .config import RoutingLoraConfig
+from .prototype import read_prototype_vector, write_prototype
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -111,6 +113,8 @@ def _write_files(folder: Path, config: RoutingLoraConfig, tensors: dict[str, tor
     else:
         config.save_pretrained(str(folder))
         save_file(contiguous, folder / WEIGHTS_FILE, {"format": "pt"})
+    if config.prototype is not None:
+        write_prototype(folder, config.prototype_vector)
 
 
 def read_expert_folder(folder: str | os.PathLike) -> ExpertFiles:
@@ -152,4 +156,7 @@ def _read_plain_lora(path: Path) -> tuple[RoutingLoraConfig, dict[str, torch.Ten
             metadata = handle.metadata() or {}
         routes = load_file(side_file)
         values.update(json.loads(metadata.get("routing_fields", "{}")))
-    return RoutingLoraConfig(**values), routes
+    config = RoutingLoraConfig(**values)
+    if config.prototype is not None:
+        config.prototype_vector = read_prototype_vector(path)
+    return config, routes

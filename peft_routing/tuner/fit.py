@@ -22,17 +22,28 @@ class ExpertMismatchError(ValueError):
     """An expert's files do not fit the model they are being added to."""
 
 
-def text_hidden_size(model: nn.Module) -> int | None:
-    """hidden_size of the (language) model, read from a transformers config when there is one.
+def text_config_value(model: nn.Module, name: str) -> int | None:
+    """A field (``hidden_size``, ``num_hidden_layers`` ...) of the (language) model's transformers config.
 
     Args:
         model: a transformers model (or any module; None without a config).
+        name: the config field.
     """
     config = getattr(model, "config", None)
     if config is None:
         return None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "hidden_size", None)
+    return getattr(text_config, name, None)
+
+
+def text_hidden_size(model: nn.Module) -> int | None:
+    """hidden_size of the (language) model, None without a transformers config."""
+    return text_config_value(model, "hidden_size")
+
+
+def text_num_blocks(model: nn.Module) -> int | None:
+    """num_hidden_layers of the (language) model, None without a transformers config."""
+    return text_config_value(model, "num_hidden_layers")
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -38,6 +38,8 @@ class RoutingLinear(LoraLinear):
     routing_strategy: str = "auto"  # one of ops.STRATEGIES; "auto" picks the fastest path that applies
     # Optional callable(layer, routes) called in the route phase: the hook point for routing diagnostics.
     routing_observer = None
+    # Set by RoutingLoraModel in the route phase of a prototype router (tuner.prototype_router), else None.
+    prototype_router = None
     _expert_stack: ExpertStack | None = None
 
     def sync_expert_stack(self) -> None:
@@ -119,11 +121,15 @@ class RoutingLinear(LoraLinear):
             return result
         stack = self.expert_stack()
         tokens = self._cast_input_dtype(x, stack.dtype).reshape(-1, x.shape[-1])
+        decision = None
+        if self.prototype_router is not None:
+            decision = self.prototype_router.decision_for(stack.names, tokens.shape[0])
         if result.dtype == stack.dtype and result.is_contiguous() and not torch.is_grad_enabled():
             _, routes = routed_forward(tokens, stack, self.routing_settings, self.routing_strategy,
-                                       out=result.view(-1, result.shape[-1]))
+                                       out=result.view(-1, result.shape[-1]), decision=decision)
         else:
-            delta, routes = routed_forward(tokens, stack, self.routing_settings, self.routing_strategy)
+            delta, routes = routed_forward(tokens, stack, self.routing_settings, self.routing_strategy,
+                                           decision=decision)
             result = result + delta.view(result.shape).to(result.dtype)
         if self.routing_observer is not None:
             self.routing_observer(self, routes)

@@ -27,9 +27,11 @@ from ..ops.dispatch import STRATEGIES
 from ..ops.settings import RoutingSettings
 from .config import RoutingLoraConfig
 from .expert_folder import KEY_PREFIX, ROUTE_SUFFIX, read_expert_folder, write_expert_folder
-from .fit import plan_expert_load, text_hidden_size
+from .fit import plan_expert_load, text_hidden_size, text_num_blocks
 from .layer import PHASES, RoutingLinear
 from .names import check_expert_name
+from .prototype import Prototype, check_prototype_fits, prototype_from
+from .prototype_router import PrototypeRouter
 
 
 class ExpertConfigs(dict):
@@ -64,6 +66,7 @@ class RoutingLoraModel(LoraModel):
     # (phase, trained expert) whose requires_grad flags are in place; None after anything else may have changed them
     _grads_applied: tuple | None = None
     _layer_cache: list | None = None
+    _prototype_router: PrototypeRouter | None = None
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
@@ -93,6 +96,8 @@ class RoutingLoraModel(LoraModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         others = [name for name in self.peft_config if name != adapter_name]
         check_expert_name(adapter_name, model, others)
+        if adapter_name in self.peft_config:  # every way an expert arrives comes through here
+            _check_prototype(self.peft_config[adapter_name], model, f"expert {adapter_name!r}")
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._apply_phase(library_changed=True)
 
@@ -133,6 +138,11 @@ class RoutingLoraModel(LoraModel):
         temperature: float | None = None,
         score_norm: str | None = None,
         mixing: str | None = None,
+        router: str | None = None,
+        prototype_candidates: int | None = None,
+        prototype_margin: float | None = None,
+        prototype_prior: float | None = None,
+        fallback: str | None = None,
     ) -> None:
         """Switch between the method's three phases.
 
@@ -147,20 +157,26 @@ class RoutingLoraModel(LoraModel):
             temperature: softmax temperature (route phase).
             score_norm: ``"none"`` or ``"standardize"`` (route phase).
             mixing: ``"softmax"`` or ``"sigmoid"`` (route phase).
+            router: ``"token"``, ``"prototype"`` or ``"token+prototype"`` (route phase; ``RoutingSettings``).
+            prototype_candidates: token+prototype: nearest prototypes the token top-k picks among.
+            prototype_margin: token+prototype: the confidence gate on the nearest prototype's lead.
+            prototype_prior: token+prototype: weight of the additive log-prior (0: restrict instead).
+            fallback: ``"base"``: no expert where the prefix is far from every prototype; ``"none"``.
         """
+        overrides = dict(top_k=top_k, temperature=temperature, score_norm=score_norm, mixing=mixing, router=router,
+                         prototype_candidates=prototype_candidates, prototype_margin=prototype_margin,
+                         prototype_prior=prototype_prior, fallback=fallback)
         if phase not in PHASES:
             raise ValueError(f"Unknown phase {phase!r}; use one of {PHASES}.")
         if phase == "route":
             if expert is not None:
                 raise ValueError("set_phase('route') uses every expert; do not pass an expert name.")
-            self._routing_settings = self.routing_settings.replace(
-                top_k=top_k, temperature=temperature, score_norm=score_norm, mixing=mixing
-            )
+            self._routing_settings = self.routing_settings.replace(**overrides)
         else:
             if expert not in self.peft_config:
                 raise ValueError(f"set_phase({phase!r}, expert) needs one of the experts {self.experts}, "
                                  f"got {expert!r}.")
-            if any(v is not None for v in (top_k, temperature, score_norm, mixing)):
+            if any(v is not None for v in overrides.values()):
                 raise ValueError("Routing options apply to set_phase('route') only.")
             self.set_adapter(expert)
         self._routing_phase, self._train_phase = phase, phase != "route"
@@ -214,6 +230,46 @@ class RoutingLoraModel(LoraModel):
                 layer.lora_B[name].requires_grad_(train_lora)
                 layer.lora_route[name].requires_grad_(phase == "router" and name == expert)
         self._grads_applied = grads
+        self._sync_prototype_router(phase, settings)
+
+    def _sync_prototype_router(self, phase: str, settings: RoutingSettings) -> None:
+        """Hooks of a prototype router in the route phase (built anew: the library or the rule may have changed)."""
+        wanted = phase == "route" and settings.uses_prototypes
+        if self._prototype_router is None and not wanted:
+            return
+        layers = {path: m for path, m in self.model.named_modules() if isinstance(m, RoutingLinear)}
+        if self._prototype_router is not None:
+            self._prototype_router.detach(layers)
+            self._prototype_router = None
+        if wanted:
+            prototypes = {name: self.expert_prototype(name) for name in self.experts}
+            self._prototype_router = PrototypeRouter(self.model, layers, self.experts, prototypes, settings)
+
+    # --------------------------------------------------------------------------------------------------- prototypes
+    def expert_prototype(self, name: str) -> Prototype | None:
+        """The expert's task prototype (checked), or None when it has none.
+
+        Args:
+            name: the expert.
+        """
+        config = self.peft_config[name]
+        return prototype_from(config.prototype, getattr(config, "prototype_vector", None), f"expert {name!r}")
+
+    def set_prototype(self, name: str, prototype: Prototype) -> None:
+        """Give an expert its task prototype (``peft_routing.compute_prototype`` computes one from task data).
+
+        Args:
+            name: the expert.
+            prototype: the prototype; checked against this model before anything changes.
+        """
+        if name not in self.peft_config:
+            raise ValueError(f"No expert named {name!r}; the experts are {self.experts}.")
+        checked = prototype_from(prototype.fields(), prototype.vector, f"expert {name!r}")
+        check_prototype_fits(checked, text_hidden_size(self.model), text_num_blocks(self.model), f"expert {name!r}")
+        config = self.peft_config[name]
+        config.prototype, config.prototype_vector = checked.fields(), checked.vector
+        self._apply_phase()
+
 
     def routing_layers(self) -> list[RoutingLinear]:
         """The routed layers, cached until the library changes (walking every module grows with the library)."""
@@ -262,6 +318,7 @@ class RoutingLoraModel(LoraModel):
         name = adapter_name or files.config.expert_name or _default_name(path_or_repo_id, subfolder)
         check_expert_name(name, self.model, self.experts)
         plan = plan_expert_load(self.model, files, self._check_target_module_exists, allow_missing_routes)
+        _check_prototype(files.config, self.model, f"{files.source}")
         config = copy.deepcopy(files.config)
         config.inference_mode = True
         self.peft_config[name] = config
@@ -325,7 +382,9 @@ class RoutingLoraModel(LoraModel):
         config.expert_name = name
         config.inference_mode = True
         config.top_k, config.temperature = self.routing_settings.top_k, self.routing_settings.temperature
-        config.score_norm, config.mixing = self.routing_settings.score_norm, self.routing_settings.mixing
+        for field_name in ("score_norm", "mixing", "router", "prototype_candidates", "prototype_margin",
+                           "prototype_prior", "fallback"):
+            setattr(config, field_name, getattr(self.routing_settings, field_name))
         return config
 
     def save_expert(
@@ -381,6 +440,16 @@ class RoutingLoraModel(LoraModel):
             path_in_repo=subfolder,
             commit_message=commit_message or f"Upload routed LoRA expert {name!r}",
         )
+
+
+def _check_prototype(config: RoutingLoraConfig, model: nn.Module, where: str) -> None:
+    """Refuse a malformed prototype, or one that does not fit ``model``; keep the vector in float32, unit norm."""
+    vector = getattr(config, "prototype_vector", None)
+    if config.prototype is None and vector is None:
+        return
+    prototype = prototype_from(config.prototype, vector, where)
+    check_prototype_fits(prototype, text_hidden_size(model), text_num_blocks(model), where)
+    config.prototype_vector = prototype.vector
 
 
 def _default_name(path_or_repo_id: str | os.PathLike, subfolder: str | None) -> str:

@@ -4,8 +4,9 @@ routing diagnostics and the library directory."""
 from .collate import IGNORE_INDEX, ChatCollator
 from .data import ChatExample, DataError, load_examples
 from .diagnostics import RoutingShares, plot_routing, routing_shares
-from .evaluation import answer_accuracy, choice_accuracy, option_scores
+from .evaluation import answer_accuracy, answer_nll, choice_accuracy, option_scores
 from .library import ExpertLibrary, LibraryError
+from .prototypes import compute_prototype
 from .training import LearnReport, StageReport, learn_task, new_expert_config, train_expert, train_router
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "RoutingShares",
     "StageReport",
     "answer_accuracy",
+    "answer_nll",
     "choice_accuracy",
+    "compute_prototype",
     "learn_task",
     "load_examples",
     "new_expert_config",

@@ -45,6 +45,17 @@ class DataError(ValueError):
     """A record that cannot be used, with where it came from (file and line, or list index)."""
 
 
+def as_examples(data) -> list[ChatExample]:
+    """``data`` as examples: a list of ``ChatExample`` as it is, anything else through ``load_examples``.
+
+    Args:
+        data: a list of ``ChatExample``, a JSONL path, or an iterable of dicts.
+    """
+    if isinstance(data, list) and data and all(isinstance(e, ChatExample) for e in data):
+        return data
+    return load_examples(data)
+
+
 def load_examples(source: str | os.PathLike | Iterable[dict], *, require_answer: bool = True) -> list[ChatExample]:
     """Examples from a JSONL path, or from any iterable of dicts (a list, a ``datasets.Dataset``).
 

@@ -57,6 +57,26 @@ def answer_accuracy(model, processor, examples: Sequence[ChatExample], *, batch_
     return 100.0 * correct / len(examples)
 
 
+def answer_nll(model, processor, examples: Sequence[ChatExample], *, batch_size: int = 8,
+               progress: str | None = None) -> float:
+    """Mean negative log-likelihood per answer token (nats): a continuous probe of what a library does to text
+    that no expert learnt, where accuracy would move only by whole questions.
+
+    Args:
+        model: the model to score.
+        processor: its tokenizer or multimodal processor.
+        examples: examples whose answers are the text to score.
+        batch_size: examples per forward pass.
+        progress: a progress bar's label, or None for no bar.
+    """
+    collator = _collator(model, processor)
+    total, count = 0.0, 0
+    for chunk in chunks(examples, batch_size, progress):
+        for logprobs, _ in answer_token_logprobs(model, collator, chunk):
+            total, count = total - float(logprobs.sum()), count + logprobs.numel()
+    return total / max(count, 1)
+
+
 def option_scores(model, processor, questions: Sequence[tuple[ChatExample, Sequence[str]]], *,
                   batch_size: int = 16, progress: str | None = None) -> list[list[float]]:
     """For each (question, options): the summed log-probability of each option's own tokens as the answer.

@@ -26,7 +26,8 @@ from transformers import Trainer, TrainingArguments
 from ..tuner.config import RoutingLoraConfig
 from ..tuner.model import RoutingLoraModel
 from .collate import ChatCollator, accepts_logits_to_keep
-from .data import ChatExample, load_examples
+from .data import as_examples
+from .prototypes import MAX_PROTOTYPE_EXAMPLES, compute_prototype
 
 # The paper's settings (arXiv 2511.01831, section 4): experts at lr 4e-5 with cosine decay; routing
 # vectors 100 steps at batch 32. Epochs of the expert stage are not stated; 3 matches its Seq-FT/MTL baselines.
@@ -98,8 +99,10 @@ def train_expert(model, expert: str, data, processor, *, config: RoutingLoraConf
 
 
 def train_router(model, expert: str, data, processor, *, training_args: TrainingArguments | None = None,
-                 max_length: int | None = None, answer_logits_only: bool = True, **overrides: Any) -> StageReport:
-    """Stage 2: train the routing vectors of ``expert`` (its LoRA frozen) on the same task's data.
+                 max_length: int | None = None, answer_logits_only: bool = True,
+                 prototype_examples: int = MAX_PROTOTYPE_EXAMPLES, **overrides: Any) -> StageReport:
+    """Stage 2: train the routing vectors of ``expert`` (its LoRA frozen) on the same task's data, then compute its
+    task prototype (``compute_prototype``) from at most ``prototype_examples`` of them.
 
     Args:
         model: a routed-LoRA PeftModel holding ``expert``.
@@ -110,15 +113,20 @@ def train_router(model, expert: str, data, processor, *, training_args: Training
         max_length: cut longer prompts from the left.
         answer_logits_only: run the LM head on the answer positions only (where the model takes
             ``logits_to_keep``).
+        prototype_examples: examples the prototype is computed from (0: compute none).
         **overrides: ``TrainingArguments`` fields.
     """
     tuner = _routing_tuner(model)
     if expert not in tuner.experts:
         raise ValueError(f"No expert named {expert!r} to train a router for; the experts are {tuner.experts}. "
                          "Run train_expert first.")
+    examples = as_examples(data)
     tuner.set_phase("router", expert)
-    return _run_stage(model, "router", expert, data, processor, ROUTER_DEFAULTS, training_args, max_length,
-                      answer_logits_only, overrides)
+    report = _run_stage(model, "router", expert, examples, processor, ROUTER_DEFAULTS, training_args, max_length,
+                        answer_logits_only, overrides)
+    if prototype_examples > 0:
+        compute_prototype(model, expert, examples, processor, max_examples=prototype_examples)
+    return report
 
 
 def learn_task(model, expert: str, data, processor, *, config: RoutingLoraConfig | None = None,
@@ -138,7 +146,7 @@ def learn_task(model, expert: str, data, processor, *, config: RoutingLoraConfig
         answer_logits_only: run the LM head on the answer positions only (where the model takes
             ``logits_to_keep``).
     """
-    examples = _examples(data)
+    examples = as_examples(data)
     common = dict(max_length=max_length, answer_logits_only=answer_logits_only)
     expert_report = train_expert(model, expert, examples, processor, config=config, **common, **(expert_args or {}))
     router_report = train_router(model, expert, examples, processor, **common, **(router_args or {}))
@@ -170,11 +178,6 @@ def _routing_tuner(model) -> RoutingLoraModel:
     return tuner
 
 
-def _examples(data) -> list[ChatExample]:
-    if isinstance(data, list) and data and all(isinstance(e, ChatExample) for e in data):
-        return data
-    return load_examples(data)
-
 
 def _stage_args(defaults: dict[str, Any], training_args: TrainingArguments | None, overrides: dict[str, Any],
                 output_dir: str) -> TrainingArguments:
@@ -195,7 +198,7 @@ def _init_fields() -> set[str]:
 
 def _run_stage(model, phase: str, expert: str, data, processor, defaults, training_args, max_length,
                answer_logits_only: bool, overrides: dict[str, Any]) -> StageReport:
-    examples = _examples(data)
+    examples = as_examples(data)
     collator = ChatCollator(processor, max_length=max_length,
                             answer_logits_only=answer_logits_only and accepts_logits_to_keep(model))
     start = time.perf_counter()

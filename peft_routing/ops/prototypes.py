@@ -1,0 +1,146 @@
+"""Task prototypes in the route phase: each position's prefix feature, and what it does to the token scores.
+
+A task's prototype is REPRO's: the normalised mean, over at most 128 of the task's training prompts, of the
+prompt's feature. Here the feature is taken in the routed forward itself, so no second pass is needed: at position t
+of a sequence it is the mean of the normalised hidden states entering the prototype layer over the prefix,
+
+    g_t = mean_{s <= t, s not padding} h_s / |h_s|          (causal_mean; a running sum carries it across a KV cache)
+
+and at the end of a prompt g_t is the prompt's feature the prototype was built from. With c_tj = cos(g_t, p_j):
+
+    router "prototype":        only the nearest prototype's expert, at full weight;
+    router "token+prototype":  the token scores restricted to the ``prototype_candidates`` nearest experts where the
+                               nearest leads the second by at least ``prototype_margin`` (token scores alone elsewhere),
+                               or, with ``prototype_prior`` > 0, plus prior * log softmax(c_t / PRIOR_TEMPERATURE);
+    fallback "base":           no expert at a position with max_j c_tj below the nearest prototype's floor (the
+                               lowest similarity its own training examples had), i.e. the base model.
+
+The decision is one additive bias per (position, expert) on the scores every routed layer computes (0, -inf or the
+prior) and a per-position keep flag, so every strategy and the CPU kernel apply it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .routing import top_k
+from .settings import RoutingSettings
+
+# Cosines between prompt features of one model differ by a few hundredths between tasks; this makes the prior's
+# softmax about as peaked as the nearest-prototype choice at prior = 1.
+PRIOR_TEMPERATURE = 0.01
+
+
+@dataclass
+class PrefixState:
+    """Running prefix sums of a batch: normalised features summed [B, d] (float32) and real positions counted [B]."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> PrefixState:
+        """The state of the rows ``rows`` (beam search reorders a batch's rows between steps)."""
+        return PrefixState(self.total.index_select(0, rows.to(self.total.device)),
+                           self.count.index_select(0, rows.to(self.count.device)))
+
+
+def causal_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
+                state: PrefixState | None = None) -> tuple[torch.Tensor, PrefixState]:
+    """g_t for every position of a chunk [B, S, d], continuing ``state`` (the rows' earlier positions), in float32.
+
+    Padding (``mask`` False) adds nothing; a position with no real position in its prefix gets the zero vector.
+
+    Args:
+        hidden: [B, S, d] hidden states entering the prototype layer.
+        mask: [B, S], True at real positions (None: all real).
+        state: the prefix sums before this chunk (None: the chunk starts the sequences).
+    """
+    features = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    features = features * real.unsqueeze(-1)
+    total = features.cumsum(dim=1)
+    count = real.cumsum(dim=1)
+    if state is not None:
+        total = total + state.total.unsqueeze(1)
+        count = count + state.count.unsqueeze(1)
+    pooled = total / count.clamp(min=1).unsqueeze(-1)
+    if hidden.shape[1] == 0:  # an empty chunk changes nothing
+        empty = PrefixState(features.new_zeros(hidden.shape[0], hidden.shape[2]), real.new_zeros(hidden.shape[0]))
+        return pooled, state or PrefixState(empty.total, empty.count.long())
+    return pooled, PrefixState(total[:, -1], count[:, -1])
+
+
+@dataclass
+class PrototypeDecision:
+    """What the prototypes decided for T positions: a bias [T, N] added to the token scores, and keep [T] (False: the
+    base model alone), or None when every position keeps its experts."""
+
+    bias: torch.Tensor
+    keep: torch.Tensor | None
+
+    def for_experts(self, columns: torch.Tensor | None) -> PrototypeDecision:
+        """The decision for a layer holding only the library's experts ``columns`` (None: all, in library order).
+
+        A position whose allowed experts all miss from the layer gets no expert there.
+
+        Args:
+            columns: [n] library indices of the layer's experts, in the layer's order.
+        """
+        if columns is None:
+            return self
+        bias = self.bias.index_select(1, columns)
+        reachable = torch.isfinite(bias).any(dim=-1)
+        keep = reachable if self.keep is None else self.keep & reachable
+        return PrototypeDecision(bias, keep)
+
+
+def similarities(pooled: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """cos(g_t, p_j) [T, N] for prefix features [T, d] and unit-norm prototypes [N, d].
+
+    Args:
+        pooled: prefix features (``causal_mean``), flattened to [T, d].
+        prototypes: the library's prototypes, each of norm 1.
+    """
+    return torch.nn.functional.normalize(pooled, dim=-1) @ prototypes.t().to(pooled.dtype)
+
+
+def decide(cosines: torch.Tensor, floors: torch.Tensor, settings: RoutingSettings) -> PrototypeDecision:
+    """The routers' rule (module docstring) on the similarities [T, N] of T positions to N prototypes.
+
+    Args:
+        cosines: [T, N] ``similarities``.
+        floors: [N] each prototype's floor (``fallback="base"``).
+        settings: router, prototype_candidates, prototype_margin, prototype_prior and fallback.
+    """
+    num_experts = cosines.shape[-1]
+    if settings.router == "prototype":
+        candidates, margin, prior = 1, 0.0, 0.0
+    else:
+        candidates, margin, prior = settings.prototype_candidates, settings.prototype_margin, settings.prototype_prior
+    if prior > 0:
+        bias = prior * torch.log_softmax(cosines / PRIOR_TEMPERATURE, dim=-1)
+    else:
+        _, nearest = top_k(cosines, min(candidates, num_experts))
+        allowed = torch.zeros_like(cosines, dtype=torch.bool).scatter_(1, nearest, True)
+        bias = torch.zeros_like(cosines).masked_fill_(~allowed, float("-inf"))
+    if margin > 0 and num_experts > 1:
+        best_two, _ = top_k(cosines, 2)
+        unsure = best_two[:, 0] - best_two[:, 1] < margin
+        bias = bias.masked_fill(unsure.unsqueeze(-1), 0.0)
+    keep = None
+    if settings.fallback == "base":
+        best, nearest = cosines.max(dim=-1)
+        keep = best >= floors.to(cosines.dtype)[nearest]
+    return PrototypeDecision(bias, keep)
+
+
+def prototype_of(prompt_features: torch.Tensor) -> torch.Tensor:
+    """A task's prototype from its prompts' features [n, d]: the normalised mean of the normalised features.
+
+    Args:
+        prompt_features: ``causal_mean`` at each training prompt's last position.
+    """
+    mean = torch.nn.functional.normalize(prompt_features.float(), dim=-1).mean(dim=0)
+    return torch.nn.functional.normalize(mean, dim=0)

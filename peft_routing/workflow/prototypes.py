@@ -1,0 +1,84 @@
+"""Computing an expert's task prototype from the task's own examples (REPRO's, at the block the router pools).
+
+The prototype is the normalised mean of the prompts' features: at each prompt's last position, the causal mean of
+the normalised hidden states entering the prototype block (``ops.prototypes.causal_mean``), on the base model
+(adapters off). The floor is the lowest cosine to the prototype at any position that predicts an answer token of
+these examples: a prefix farther than that from every prototype looks like no task the library learnt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.prototypes import causal_mean, prototype_of, similarities
+from ..tuner.prototype import Prototype
+from ..tuner.prototype_router import decoder_blocks
+from .collate import IGNORE_INDEX, ChatCollator
+from .data import ChatExample, as_examples
+from .evaluation import chunks
+
+MAX_PROTOTYPE_EXAMPLES = 128  # REPRO's sample count per task
+
+
+@torch.no_grad()
+def compute_prototype(model, expert: str, data, processor, *, max_examples: int = MAX_PROTOTYPE_EXAMPLES,
+                      layer: int | None = None, batch_size: int = 16) -> Prototype:
+    """Compute ``expert``'s prototype from at most ``max_examples`` of its task's examples and give it to the expert.
+
+    Nothing of the data is kept; ``model.save_expert`` writes the prototype into the expert folder.
+
+    Args:
+        model: a routed-LoRA PeftModel holding ``expert``.
+        expert: the expert whose task the examples are.
+        data: the task's examples with answers (a JSONL path, a list of records or of ``ChatExample``).
+        processor: the model's tokenizer or multimodal processor.
+        max_examples: use at most this many examples (the first ones).
+        layer: the decoder block whose input is pooled (default: the lowest block any expert adapts).
+        batch_size: examples per forward pass.
+    """
+    tuner = model.base_model
+    if expert not in tuner.experts:
+        raise ValueError(f"No expert named {expert!r}; the experts are {tuner.experts}.")
+    examples = as_examples(data)[:max_examples]
+    if not examples:
+        raise ValueError(f"compute_prototype needs at least one example of {expert!r}'s task.")
+    layer = lowest_adapted_block(tuner) if layer is None else layer
+    prompt_features, answer_features = _features(model, processor, examples, layer, batch_size)
+    vector = prototype_of(prompt_features)
+    floor = float(similarities(answer_features, vector.unsqueeze(0)).min().clamp(-1.0, 1.0))
+    prototype = Prototype(vector, layer, floor, len(examples))
+    tuner.set_prototype(expert, prototype)
+    return prototype
+
+
+def lowest_adapted_block(tuner) -> int:
+    """The lowest decoder block any expert of the library adapts: the prototype block that costs nothing.
+
+    Args:
+        tuner: the model's ``RoutingLoraModel``.
+    """
+    paths = [path for path, layer in tuner.model.named_modules() if hasattr(layer, "lora_route")]
+    found = decoder_blocks(tuner.model, paths)
+    if found is None or not found[2]:
+        raise ValueError("Found no decoder blocks holding the routed layers; pass layer=... explicitly.")
+    return min(found[2].values())
+
+
+def _features(model, processor, examples: list[ChatExample], layer: int,
+              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt features [n, d] (at each prompt's last position) and features at every answer-predicting position."""
+    collator = ChatCollator(processor)
+    prompts, answers = [], []
+    with model.disable_adapter():
+        for chunk in chunks(examples, batch_size, None):
+            batch = collator(list(chunk))
+            labels = batch.pop("labels")
+            hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
+            pooled, _ = causal_mean(hidden, batch["attention_mask"])
+            predicts_answer = torch.zeros_like(labels, dtype=torch.bool)
+            predicts_answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+            first = predicts_answer.int().argmax(dim=1)  # left padding: the prompt's last position
+            prompts.append(pooled[torch.arange(len(chunk)), first])
+            answers.append(pooled[predicts_answer])
+    return torch.cat(prompts), torch.cat(answers)
+

@@ -1,0 +1,330 @@
+"""Prototype routers: the pooling and the rule against the formulas written out by hand, the whole route phase of a
+model against that reference layer by layer, one pass with a KV cache, and prototypes travelling with experts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
+from reference import ExpertTensors, prefix_features, prototype_rule, routed_delta_biased
+from testing_utils import make_library, token_batch
+
+from peft_routing.ops import RoutingSettings, cpu_kernel
+from peft_routing.ops.dispatch import routed_forward
+from peft_routing.ops.prototypes import PRIOR_TEMPERATURE, causal_mean, decide, similarities
+from peft_routing.tuner.prototype import PROTOTYPE_FILE, Prototype, PrototypeError
+from peft_routing.tuner.prototype_router import PrototypeRoutingError
+
+RULES = {
+    "prototype": dict(router="prototype"),
+    "restrict_2": dict(router="token+prototype", prototype_candidates=2, top_k=2),
+    "gated": dict(router="token+prototype", prototype_margin=0.05),
+    "prior": dict(router="token+prototype", prototype_prior=0.5, top_k=2),
+    "fallback": dict(router="prototype", fallback="base"),
+    "restrict_fallback": dict(router="token+prototype", prototype_candidates=2, fallback="base"),
+}
+
+
+def _rule_args(rule: RoutingSettings) -> dict:
+    return dict(router=rule.router, candidates=rule.prototype_candidates, margin=rule.prototype_margin,
+                prior=rule.prototype_prior, fallback=rule.fallback, prior_temperature=PRIOR_TEMPERATURE)
+
+
+# ----------------------------------------------------------------------------------------------------- the math
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), width=st.integers(1, 7), dim=st.integers(1, 6), split=st.integers(0, 7),
+       seed=st.integers(0, 10_000))
+def test_causal_mean_matches_the_formula_and_continues_across_chunks(batch, width, dim, split, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, width, dim, generator=g)
+    pads = torch.randint(0, width + 1, (batch,), generator=g)
+    mask = torch.arange(width).unsqueeze(0) >= pads.unsqueeze(1)  # left padding, a row may be all padding
+    pooled, _ = causal_mean(hidden, mask)
+    split = min(split, width)
+    first, state = causal_mean(hidden[:, :split], mask[:, :split])
+    second, _ = causal_mean(hidden[:, split:], mask[:, split:], state)
+    chunked = torch.cat([first, second], dim=1)
+    for b in range(batch):
+        want = prefix_features(hidden[b], mask[b].tolist())
+        for t, feature in enumerate(want):
+            expected = torch.tensor(feature if feature is not None else [0.0] * dim, dtype=torch.float64)
+            torch.testing.assert_close(pooled[b, t].double(), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(chunked[b, t].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rule=st.sampled_from(sorted(RULES)), tokens=st.integers(1, 6), experts=st.integers(1, 5),
+       seed=st.integers(0, 10_000))
+def test_decide_matches_the_rule_written_out(rule, tokens, experts, seed):
+    g = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(tokens, 8, generator=g)
+    prototypes = torch.nn.functional.normalize(torch.randn(experts, 8, generator=g), dim=-1)
+    floors = torch.rand(experts, generator=g) * 0.6 - 0.3
+    routing = RoutingSettings(**RULES[rule])
+    decision = decide(similarities(pooled, prototypes), floors, routing)
+    for t in range(tokens):
+        bias, keep = prototype_rule(pooled[t].tolist(), prototypes.double().tolist(), floors.tolist(),
+                                    **_rule_args(routing))
+        torch.testing.assert_close(decision.bias[t].double(), torch.tensor(bias, dtype=torch.float64),
+                                   atol=1e-4, rtol=1e-4)
+        assert (True if decision.keep is None else bool(decision.keep[t])) == keep
+
+
+STRATEGIES = ["loop", "dense", "gather", "sorted", "padded", "auto"] + (
+    ["cpu_kernel"] if cpu_kernel.enabled() and cpu_kernel.is_built() else [])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("num_tokens", [1, 2, 9])
+def test_every_strategy_applies_the_decision(strategy, rule, num_tokens):
+    from testing_utils import random_stack
+
+    stack = random_stack(4, 3, 8, 5, seed=num_tokens)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randn(num_tokens, 8, generator=g)
+    prototypes = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    floors = torch.full((4,), 0.2)
+    routing = RoutingSettings(**RULES[rule]).replace(temperature=0.7)
+    decision = decide(similarities(torch.randn(num_tokens, 8, generator=g), prototypes), floors, routing)
+    with torch.no_grad():
+        got, routes = routed_forward(tokens, stack, routing, strategy, out=torch.zeros(num_tokens, 5),
+                                     decision=decision)
+    experts = [ExpertTensors(stack.a[j], stack.b_t[j].t(), stack.vectors[j], float(stack.scales[j])) for j in range(4)]
+    layer_rule = routing.layer_rule
+    for t in range(num_tokens):
+        keep = True if decision.keep is None else bool(decision.keep[t])
+        want = routed_delta_biased(tokens[t], experts, decision.bias[t].tolist(), keep, layer_rule.top_k,
+                                   layer_rule.temperature, layer_rule.score_norm, layer_rule.mixing)
+        torch.testing.assert_close(got[t].double(), want, atol=1e-4, rtol=1e-4)
+        if not keep:
+            assert float(routes.weights[t].abs().sum()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the whole model
+def _give_prototypes(model, seed: int = 0, floor: float = -1.0, layer: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    hidden = model.base_model.model.config.hidden_size
+    for name in model.base_model.experts:
+        vector = torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0)
+        model.base_model.set_prototype(name, Prototype(vector, layer, floor, 8))
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_route_phase_matches_the_reference_layer_by_layer(rule):
+    model = make_library("llama", 3, ranks=[2, 4])
+    _give_prototypes(model, floor=0.05)
+    model.set_phase("route", **RULES[rule])
+    tuner = model.base_model
+    blocks = tuner.model.model.layers
+    captured: dict = {}
+    handles = [blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.__setitem__("h", (args[0] if args else kwargs["hidden_states"]).detach()),
+        with_kwargs=True)]
+    calls = []
+    for layer in tuner.routing_layers():
+        handles.append(layer.register_forward_hook(
+            lambda m, args, out: calls.append((m, args[0].detach(), out.detach()))))
+    ids = token_batch(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    names = tuner.experts
+    prototypes = [tuner.expert_prototype(n).vector.double().tolist() for n in names]
+    floors = [tuner.expert_prototype(n).floor for n in names]
+    routing = tuner.routing_settings
+    rules = []
+    for b in range(ids.shape[0]):
+        for feature in prefix_features(captured["h"][b], mask[b].bool().tolist()):
+            rules.append(prototype_rule(feature, prototypes, floors, **_rule_args(routing)))
+    layer_rule = routing.layer_rule
+    kept_out = 0
+    for layer, x, out in calls:
+        base = layer.base_layer(x)
+        experts = [ExpertTensors(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.lora_route[n],
+                                 layer.scaling[n]) for n in names]
+        for t, u in enumerate(x.reshape(-1, x.shape[-1])):
+            bias, keep = rules[t]
+            kept_out += not keep
+            want = routed_delta_biased(u, experts, bias, keep, layer_rule.top_k, layer_rule.temperature,
+                                       layer_rule.score_norm, layer_rule.mixing)
+            got = (out - base).reshape(-1, out.shape[-1])[t]
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    if routing.fallback == "base":
+        assert 0 < kept_out < len(calls) * len(rules), "the floor should keep some positions out, not all"
+
+
+@pytest.mark.parametrize("rule", ["prototype", "restrict_2", "fallback"])
+def test_generate_with_kv_cache_left_padding_and_beams_matches_no_cache(rule):
+    model = make_library("llama", 3)
+    _give_prototypes(model, floor=0.05)
+    model.set_phase("route", **RULES[rule])
+    ids = token_batch(2, 6, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for beams in (1, 2):
+        with torch.no_grad():
+            cached = model.generate(**common, num_beams=beams, use_cache=True)
+            uncached = model.generate(**common, num_beams=beams, use_cache=False)
+        assert torch.equal(cached, uncached)
+    with torch.no_grad():  # logits of a step-by-step decode equal one full forward
+        full = model(input_ids=ids, attention_mask=mask).logits
+        first = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        rest = model(input_ids=ids[:, 4:], attention_mask=mask, cache=first.past_key_values)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], dim=1)[mask.bool()], full[mask.bool()],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_a_cache_the_router_did_not_see_is_refused():
+    model = make_library("llama", 2)
+    _give_prototypes(model)
+    ids = token_batch(1, 5)
+    with torch.no_grad():
+        model.set_phase("route")
+        past = model(input_ids=ids, use_cache=True).past_key_values  # built by the token router
+        model.set_phase("route", router="prototype")
+        with pytest.raises(PrototypeRoutingError, match="cannot continue this KV cache"):
+            model(input_ids=ids[:, :1], cache=past)
+
+
+def test_router_names_the_experts_without_a_prototype():
+    model = make_library("llama", 3)
+    model.base_model.set_prototype("expert_0", Prototype(torch.ones(32), 0, 0.0, 4))
+    model.set_phase("route", router="prototype")
+    with pytest.raises(PrototypeRoutingError, match=r"\['expert_1', 'expert_2'\] have none"):
+        model(input_ids=token_batch(1, 4))
+
+
+def test_a_library_adapting_blocks_below_the_prototype_block_is_refused():
+    model = make_library("llama", 2)
+    _give_prototypes(model, layer=1)  # block 0 is adapted too
+    model.set_phase("route", router="prototype")
+    with pytest.raises(PrototypeRoutingError, match="below the prototype block 1"):
+        model(input_ids=token_batch(1, 4))
+
+
+def test_token_router_is_unchanged_by_prototypes():
+    model = make_library("llama", 3)
+    ids = token_batch(2, 5)
+    model.set_phase("route", top_k=2)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        _give_prototypes(model)
+        model.set_phase("route", router="token")
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+# --------------------------------------------------------------------------------------------- on disk and back
+@pytest.mark.parametrize("plain", [False, True])
+def test_prototypes_round_trip_through_every_way_in(tmp_path, plain):
+    from testing_utils import make_base
+
+    model = make_library("llama", 2)
+    _give_prototypes(model, floor=0.25)
+    want = {n: model.base_model.expert_prototype(n) for n in model.base_model.experts}
+    for name in want:
+        model.save_expert(name, tmp_path / name, as_plain_lora=plain)
+        assert (tmp_path / name / PROTOTYPE_FILE).is_file()
+    libraries = [make_library("llama", 1, seed=1)]
+    for library in libraries:
+        library.add_expert(tmp_path / "expert_0", adapter_name="first")
+        library.add_expert(tmp_path / "expert_1", adapter_name="second")
+    if not plain:  # PEFT's own entry points read a plain-LoRA folder as stock LoRA, without routing
+        loaded = PeftModel.from_pretrained(make_base("llama"), tmp_path / "expert_0", adapter_name="expert_0")
+        loaded.load_adapter(str(tmp_path / "expert_1"), adapter_name="expert_1")
+        libraries.append(loaded)
+    for library in libraries:
+        names = ["first", "second"] if "first" in library.base_model.experts else list(want)
+        for name, prototype in zip(names, want.values()):
+            got = library.base_model.expert_prototype(name)
+            assert got.fields() == prototype.fields()
+            assert torch.equal(got.vector, prototype.vector)
+
+
+def _broken(folder, how: str) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if how == "nan":
+        save_file({"prototype": torch.full((32,), math.nan)}, folder / PROTOTYPE_FILE)
+    elif how == "width":
+        save_file({"prototype": torch.ones(31)}, folder / PROTOTYPE_FILE)
+    elif how == "int":
+        save_file({"prototype": torch.ones(32, dtype=torch.int32)}, folder / PROTOTYPE_FILE)
+    elif how == "extra_key":
+        save_file({"prototype": torch.ones(32), "x": torch.ones(1)}, folder / PROTOTYPE_FILE)
+    elif how == "no_file":
+        (folder / PROTOTYPE_FILE).unlink()
+    elif how == "layer":
+        config["prototype"]["layer"] = 7
+    elif how == "floor":
+        config["prototype"]["floor"] = 3.0
+    elif how == "fields":
+        config["prototype"] = {"layer": 0}
+    config_file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("how", ["nan", "width", "int", "extra_key", "no_file", "layer", "floor", "fields"])
+def test_bad_prototypes_are_refused_and_the_model_is_unchanged(tmp_path, how):
+    source = make_library("llama", 2)
+    _give_prototypes(source)
+    source.save_expert("expert_1", tmp_path / "bad")
+    _broken(tmp_path / "bad", how)
+    model = make_library("llama", 1, seed=1)
+    ids = token_batch(1, 5)
+    model.set_phase("route")
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    errors = (PrototypeError, FileNotFoundError)
+    with pytest.raises(errors):
+        model.add_expert(tmp_path / "bad")
+    assert model.base_model.experts == ["expert_0"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_one():
+    from peft import get_peft_model
+    from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer
+
+    from peft_routing import compute_prototype, learn_task, load_examples
+    from peft_routing.workflow import ChatCollator
+
+    tokenizer = tiny_chat_tokenizer()
+    model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
+    records = task_records("UP", "yes", n=6)
+    prototype = compute_prototype(model, "upper", records, tokenizer)
+    collator = ChatCollator(tokenizer)
+    features, seen = [], []
+    block = model.base_model.model.model.layers[0]  # the block input itself, not transformers' hidden_states
+    handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"])[0]), with_kwargs=True)
+    with torch.no_grad(), model.disable_adapter():
+        for example in load_examples(records):
+            batch = collator.prompts([example])
+            model(**batch)
+            hidden = seen.pop()
+            last = prefix_features(hidden, batch["attention_mask"][0].bool().tolist())[-1]
+            norm = math.sqrt(sum(x * x for x in last))
+            features.append([x / norm for x in last])
+    handle.remove()
+    mean = [sum(column) / len(features) for column in zip(*features)]
+    norm = math.sqrt(sum(x * x for x in mean))
+    torch.testing.assert_close(prototype.vector.double(), torch.tensor([x / norm for x in mean], dtype=torch.float64),
+                               atol=1e-5, rtol=1e-4)
+    assert prototype.layer == 0 and prototype.examples == 6 and -1 <= prototype.floor <= 1
+    learn_task(model, "lower", task_records("lo", "no", n=6), tokenizer, expert_args=dict(max_steps=1),
+               router_args=dict(max_steps=1, per_device_train_batch_size=2))
+    assert model.base_model.expert_prototype("lower").examples == 6
