@@ -63,3 +63,25 @@ def test_unknown_repo_offline_gives_a_clear_error(tmp_hf_cache):
     with pytest.raises(FileNotFoundError, match="not a local folder, and getting it from the Hub failed"):
         model.add_expert("org/does-not-exist")
     assert model.experts == ["expert_0"]
+
+
+@pytest.mark.parametrize("subfolder", [None, "experts/coco"])
+def test_prototypes_travel_through_the_hub_by_every_loader(tmp_hf_cache, monkeypatch, subfolder):
+    from peft_routing.tuner.prototype import Prototype
+
+    calls, upload_folder = _fake_upload(tmp_hf_cache)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://hub.invalid/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = make_library("llama", n_experts=2, seed=9)
+    vector = torch.nn.functional.normalize(torch.arange(1.0, 33.0), dim=0)
+    model.base_model.set_prototype("expert_1", Prototype(vector, 0, 0.5, 12))
+    model.push_expert_to_hub("expert_1", "org/coco-expert", subfolder=subfolder)
+    by_add = make_library("llama", n_experts=1, seed=9)
+    by_add.add_expert("org/coco-expert", adapter_name="coco", subfolder=subfolder)
+    libraries = [by_add]
+    if subfolder is None:  # offline, peft 0.21's own loader looks for sub/sub/... in a Hub subfolder (io/hub.py)
+        libraries.append(PeftModel.from_pretrained(make_base("llama", 9), "org/coco-expert", adapter_name="coco"))
+    for library in libraries:
+        got = library.base_model.expert_prototype("coco")
+        assert got.fields() == {"layer": 0, "pooling": "causal_mean", "examples": 12, "floor": 0.5}
+        torch.testing.assert_close(got.vector, vector, rtol=0, atol=0)

@@ -328,3 +328,31 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
     learn_task(model, "lower", task_records("lo", "no", n=6), tokenizer, expert_args=dict(max_steps=1),
                router_args=dict(max_steps=1, per_device_train_batch_size=2))
     assert model.base_model.expert_prototype("lower").examples == 6
+
+
+def test_own_expert_share_counts_each_kind_of_position_and_the_base_fallback():
+    from peft import get_peft_model
+    from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer
+
+    from peft_routing import compute_prototype
+    from peft_routing.workflow import own_expert_share, routing_shares
+    from peft_routing.workflow.diagnostics import BASE_COLUMN, _position_kinds
+
+    ids = torch.tensor([5, 9, 9, 7, 8, 3])
+    labels = torch.tensor([-100, -100, -100, -100, 8, 3])
+    assert _position_kinds(ids, labels, image_token_id=9).tolist() == [1, 0, 0, 2, 2, 1]
+    tokenizer = tiny_chat_tokenizer()
+    model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
+    examples = task_records("UP", "yes", n=4)
+    compute_prototype(model, "upper", examples, tokenizer)
+    from peft_routing import load_examples
+
+    model.set_phase("route", router="prototype")
+    assert own_expert_share(model, tokenizer, load_examples(examples), "upper") == {"question": 100.0, "answer": 100.0}
+    prototype = model.base_model.expert_prototype("upper")
+    prototype.floor = 1.0  # nothing is that close: every position falls back to the base model
+    model.base_model.set_prototype("upper", prototype)
+    model.set_phase("route", fallback="base")
+    assert own_expert_share(model, tokenizer, load_examples(examples), "upper") == {"question": 0.0, "answer": 0.0}
+    shares = routing_shares(model, tokenizer, load_examples(examples))
+    assert shares.experts == ["upper", BASE_COLUMN] and torch.all(shares.shares[:, 1] == 1)

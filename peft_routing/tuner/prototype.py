@@ -80,7 +80,7 @@ def _unit_vector(vector: torch.Tensor, where: str) -> torch.Tensor:
     norm = float(as_float.norm())
     if not torch.isfinite(as_float).all() or not math.isfinite(norm) or norm == 0.0:
         raise PrototypeError(f"{where}: the prototype holds NaN/inf or is zero (after the cast to float32).")
-    return as_float / norm
+    return as_float if abs(norm - 1.0) < 1e-6 else as_float / norm  # a unit vector round-trips bit for bit
 
 
 def check_prototype_fits(prototype: Prototype, hidden_size: int | None, num_blocks: int | None, where: str) -> None:

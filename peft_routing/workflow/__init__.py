@@ -3,7 +3,7 @@ routing diagnostics and the library directory."""
 
 from .collate import IGNORE_INDEX, ChatCollator
 from .data import ChatExample, DataError, load_examples
-from .diagnostics import RoutingShares, plot_routing, routing_shares
+from .diagnostics import RoutingShares, own_expert_share, plot_routing, routing_shares
 from .evaluation import answer_accuracy, answer_nll, choice_accuracy, option_scores
 from .library import ExpertLibrary, LibraryError
 from .prototypes import compute_prototype
@@ -27,6 +27,7 @@ __all__ = [
     "load_examples",
     "new_expert_config",
     "option_scores",
+    "own_expert_share",
     "plot_routing",
     "routing_shares",
     "train_expert",

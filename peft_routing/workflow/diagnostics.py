@@ -1,8 +1,10 @@
-"""Where tokens go: per transformer block, the share of tokens each expert receives (paper Figure 3).
+"""Where tokens go: per transformer block, the share of tokens each expert receives (paper Figure 3), and how often
+each kind of position (image / question / answer) goes to the task's own expert.
 
 ``RoutingRecorder`` plugs into ``RoutingLinear.routing_observer``, the hook every route-phase layer calls with the
-chosen expert ids, so recording costs one ``bincount`` per layer call. Examples are run one at a time, so padding
-tokens never enter the counts. ``plot_routing`` draws one heatmap (blocks x experts) per data set.
+chosen expert ids, so recording costs one ``bincount`` per layer call. A position that a prototype router's
+fallback leaves to the base model (all weights zero) counts under ``"(base)"``. Examples are run one at a time, so
+padding tokens never enter the counts. ``plot_routing`` draws one heatmap (blocks x experts) per data set.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import torch
 
 from ..io.atomic import staged_path
 from ..tuner.layer import RoutingLinear
-from .collate import ChatCollator
+from .collate import IGNORE_INDEX, ChatCollator
 from .data import ChatExample
 
+BASE_COLUMN = "(base)"
+POSITION_KINDS = ("image", "question", "answer")
 _BLOCK = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -41,7 +45,10 @@ class RoutingRecorder:
     def __init__(self, model) -> None:
         self.layers = {path: m for path, m in model.named_modules() if isinstance(m, RoutingLinear)}
         self.experts = list(model.base_model.experts)
+        if model.base_model.routing_settings.fallback == "base":
+            self.experts.append(BASE_COLUMN)
         self.counts: dict[int, torch.Tensor] = {}
+        self.top_choices: list[torch.Tensor] = []  # per layer call: each token's first choice (library index)
 
     def __enter__(self) -> RoutingRecorder:
         for path, layer in self.layers.items():
@@ -56,8 +63,12 @@ class RoutingRecorder:
         def observe(layer: RoutingLinear, routes) -> None:
             index = {name: self.experts.index(name) for name in layer.expert_names}
             to_library = torch.tensor([index[name] for name in layer.expert_names])
-            chosen = to_library[routes.expert_ids.reshape(-1).cpu()]
-            counts = torch.bincount(chosen, minlength=len(self.experts)).double()
+            ids, weights = routes.expert_ids.cpu(), routes.weights.cpu()
+            chosen = to_library[ids]
+            if BASE_COLUMN in self.experts:  # every weight zero: the base model alone
+                chosen = chosen.masked_fill((weights == 0).all(dim=-1, keepdim=True), len(self.experts) - 1)
+            self.top_choices.append(chosen[:, 0])
+            counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).double()
             self.counts[block] = self.counts.get(block, 0) + counts
 
         return observe
@@ -87,6 +98,49 @@ def routing_shares(model, processor, examples: Sequence[ChatExample]) -> Routing
             batch.pop("labels")
             model(**batch)
     return recorder.shares()
+
+
+@torch.no_grad()
+def own_expert_share(model, processor, examples: Sequence[ChatExample], expert: str,
+                     image_token_id: int | None = None) -> dict[str, float]:
+    """% of first choices (over positions and routed modules) that go to ``expert``, per kind of position.
+
+    Positions are "answer" where they predict an answer token, "image" where the input is ``image_token_id``, and
+    "question" elsewhere (system prompt and template included).
+
+    Args:
+        model: a routed-LoRA PeftModel in the route phase.
+        processor: its tokenizer or multimodal processor.
+        examples: the task's examples, run one at a time.
+        expert: the task's own expert.
+        image_token_id: the image placeholder's token id (None: a text model).
+    """
+    collator = ChatCollator(processor)
+    hits = dict.fromkeys(POSITION_KINDS, 0.0)
+    totals = dict.fromkeys(POSITION_KINDS, 0.0)
+    with RoutingRecorder(model) as recorder:
+        own = recorder.experts.index(expert)
+        for example in examples:
+            batch = collator([example])
+            labels = batch.pop("labels")[0]
+            recorder.top_choices.clear()
+            model(**batch)
+            kinds = _position_kinds(batch["input_ids"][0], labels, image_token_id)
+            for choices in recorder.top_choices:
+                for kind in POSITION_KINDS:
+                    where = kinds == POSITION_KINDS.index(kind)
+                    hits[kind] += float((choices[where] == own).sum())
+                    totals[kind] += float(where.sum())
+    return {kind: 100.0 * hits[kind] / totals[kind] for kind in POSITION_KINDS if totals[kind]}
+
+
+def _position_kinds(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int | None) -> torch.Tensor:
+    """0 image / 1 question / 2 answer for every position of one unpadded example."""
+    kinds = torch.ones_like(input_ids)
+    if image_token_id is not None:
+        kinds[input_ids == image_token_id] = 0
+    kinds[:-1][labels[1:] != IGNORE_INDEX] = 2  # position t predicts token t + 1
+    return kinds
 
 
 def block_of(path: str) -> int:
