@@ -35,8 +35,10 @@ from continual_baselines import (  # noqa: E402
     MERGES,
     accuracy_with_choices,
     add_merged_expert,
+    general_texts,
     general_with_choices,
     mr_lora_choices,
+    nll_with_choices,
     repro_choices,
     repro_prototypes,
     router_examples,
@@ -50,10 +52,14 @@ from peft_routing.demo.base_models import load_base_model  # noqa: E402
 from peft_routing.demo.image_tasks import caption_questions  # noqa: E402
 from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
 from peft_routing.io import cache_root, write_json_atomic  # noqa: E402
+from peft_routing.tuner.prototype import PROTOTYPE_FILE  # noqa: E402
 from peft_routing.workflow import (  # noqa: E402
     answer_accuracy,
+    answer_nll,
     choice_accuracy,
+    compute_prototype,
     learn_task,
+    own_expert_share,
     plot_routing,
     routing_shares,
     train_expert,
@@ -66,10 +72,10 @@ VERSION = 1  # bump when a change invalidates cached adapters or scores
 
 @dataclass(frozen=True)
 class Settings:
-    tasks: tuple[str, ...] = ("sentiment", "dates", "reverse", "units")
+    tasks: tuple[str, ...] = ("sentiment", "dates", "reverse", "units", "units_cm")  # units/units_cm: related
     distractors: tuple[str, ...] = ("shout",)
     train_examples: int = 256
-    test_examples: int = 40
+    test_examples: int = 200  # one question is 0.5 point
     probe_questions: int = 40
     top_layers: int = 10
     rank: int = 16
@@ -85,12 +91,35 @@ class Settings:
     seed: int = 0
     base: str = "smollm2"  # or "smollm2-llava" (base_models.load_base_model)
     probes: tuple[str, ...] = ("general",)  # "general": capitals; "captions": the alignment stage's skill
+    nll_texts: int = 120  # the continuous general probe: MMLU questions with worked explanations (lm-eval)
+    related: tuple[tuple[str, str], ...] = (("units_cm", "units"),)  # (task, its related task) for transfer
 
 
 QUICK = Settings(train_examples=24, test_examples=6, probe_questions=8, expert_steps=3, router_steps=1,
-                 batch_size=4, router_lora_steps=3, replay_per_task=4, prototype_examples=8, orders=2)
+                 batch_size=4, router_lora_steps=3, replay_per_task=4, prototype_examples=8, orders=2, nll_texts=8)
 MULTIMODAL_CHANGES = dict(tasks=("color", "count", "count_text", "dates"), base="smollm2-llava",
-                          probes=("general", "captions"))
+                          probes=("general", "captions"), related=(("count", "count_text"),))
+NLL = "general_nll"
+
+# Every rule of the route phase compared, as complete set_phase("route", ...) keyword sets.
+TOKEN_RULE = dict(top_k=1, score_norm="none", router="token", prototype_candidates=1, prototype_margin=0.0,
+                  prototype_prior=0.0, fallback="none")
+TOKEN_ROUTERS = {"routing": dict(top_k=1, score_norm="none"), "routing_top2": dict(top_k=2, score_norm="none"),
+                 "routing_standardize": dict(top_k=1, score_norm="standardize"),
+                 "routing_top2_standardize": dict(top_k=2, score_norm="standardize")}
+PROTOTYPE_ROUTERS = {
+    "routing_prototype": dict(router="prototype"),
+    "routing_prototype_base": dict(router="prototype", fallback="base"),
+    "routing_tp_restrict2": dict(router="token+prototype", prototype_candidates=2, top_k=1,
+                                 score_norm="standardize"),
+    "routing_tp_prior": dict(router="token+prototype", prototype_prior=1.0, top_k=2, score_norm="standardize"),
+    "routing_tp_gate": dict(router="token+prototype", prototype_margin=0.02, top_k=2, score_norm="standardize"),
+    "routing_tp_restrict2_base": dict(router="token+prototype", prototype_candidates=2, top_k=2,
+                                      score_norm="standardize", fallback="base"),
+}
+RULES = {**TOKEN_ROUTERS, **PROTOTYPE_ROUTERS}
+RECOMMENDED = "routing_prototype_base"
+POSITION_EXAMPLES = 16  # test examples per task for the routing accuracy by kind of position
 
 
 # --------------------------------------------------------------------------------------------------- the cache
@@ -128,8 +157,12 @@ class Store:
         return folder, meta
 
     def score(self, key: str, compute: Callable[[], float]) -> float:
+        return self.record(key, lambda: round(float(compute()), 3))
+
+    def record(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Any JSON value by key (a score, or a dict of them), computed once."""
         if key not in self.scores:
-            self.scores[key] = round(float(compute()), 3)
+            self.scores[key] = compute()
             write_json_atomic(self.scores_file, self.scores)
         return self.scores[key]
 
@@ -144,9 +177,12 @@ class Bench:
         probes = {"general": lambda: capital_questions(settings.seed)[: settings.probe_questions],
                   "captions": lambda: caption_questions(settings.seed, settings.probe_questions)}
         self.probes = {name: probes[name]() for name in settings.probes}  # captions draw images: only if asked
+        self.nll_examples = general_texts(settings.nll_texts)
         self.data_id = dict(train=settings.train_examples, test=settings.test_examples, seed=settings.seed)
         if settings.base != "smollm2":  # the text half's cache keys stay as they were
             self.data_id["base"] = settings.base
+        # the training split is drawn before the test split, so adapters do not depend on the test size
+        self.train_id = {k: v for k, v in self.data_id.items() if k != "test"}
 
     # ------------------------------------------------------------------------------------------- training
     def config(self) -> RoutingLoraConfig:
@@ -168,11 +204,20 @@ class Bench:
 
     def _training_id(self) -> dict[str, Any]:
         s = self.settings
-        return dict(data=self.data_id, rank=s.rank, layers=s.top_layers, bs=s.batch_size, lr=s.expert_lr,
+        return dict(data=self.train_id, rank=s.rank, layers=s.top_layers, bs=s.batch_size, lr=s.expert_lr,
                     steps=s.expert_steps)
 
     def expert(self, task: str) -> tuple[Path, dict[str, Any]]:
-        """Task expert + its routing vectors (stage 1 + stage 2), trained on that task alone."""
+        """Task expert + its routing vectors (stage 1 + stage 2) + its prototype, from that task's data alone."""
+        folder, meta = self._trained_expert(task)
+        if not (folder / PROTOTYPE_FILE).is_file():  # trained before experts carried prototypes
+            model = self.single(folder, task)
+            compute_prototype(model, task, self.tasks[task].train, self.tokenizer,
+                              max_examples=self.settings.prototype_examples)
+            model.save_expert(task, folder, overwrite=True)
+        return folder, meta
+
+    def _trained_expert(self, task: str) -> tuple[Path, dict[str, Any]]:
         key = cache_key(dict(kind="expert", task=task, **self._training_id(), router=(self.settings.router_steps,
                                                                                         self.settings.router_lr)))
         if (cached := self.store.adapter(key)) is not None:
@@ -180,7 +225,8 @@ class Bench:
         _say(f"training expert {task!r}")
         model = get_peft_model(copy.deepcopy(self.base), self.config(), adapter_name=task)
         report = learn_task(model, task, self.tasks[task].train, self.tokenizer, expert_args=self._expert_args(),
-                            router_args=self._router_args())
+                            router_args=dict(self._router_args(),
+                                                prototype_examples=self.settings.prototype_examples))
         meta = dict(seconds=report.expert.seconds + report.router.seconds, expert_seconds=report.expert.seconds,
                     router_seconds=report.router.seconds,
                     examples=(report.expert.steps + report.router.steps) * self.settings.batch_size)
@@ -218,12 +264,22 @@ class Bench:
         return model.eval()
 
     # ------------------------------------------------------------------------------------------- scoring
-    def routing_id(self, experts, top_k: int = 1, score_norm: str = "none") -> dict[str, Any]:
+    def routing_id(self, experts, rule: dict[str, Any] | None = None) -> dict[str, Any]:
         """The score-cache identity of a routed library: its experts, the rule and how the routers were trained
         (without the router settings a re-run with longer router training would read the old scores)."""
-        s = self.settings
-        return {"m": "routing", "experts": list(experts), "top_k": top_k, "score_norm": score_norm,
-                "router": [s.router_steps, s.router_lr]}
+        s, rule = self.settings, {**TOKEN_RULE, **(rule or {})}
+        found = {"m": "routing", "experts": list(experts), "top_k": rule["top_k"], "score_norm": rule["score_norm"],
+                 "router": [s.router_steps, s.router_lr]}
+        others = {k: v for k, v in rule.items() if k not in ("top_k", "score_norm") and v != TOKEN_RULE[k]}
+        if others:  # the token rules keep the keys they always had
+            found["rule"] = {**others, "prototype_examples": s.prototype_examples}
+        return found
+
+    def routed_library(self, names, rule: dict[str, Any]) -> Any:
+        """The library of ``names`` in the route phase under ``rule`` (every field set, none left from before)."""
+        model = self.library(names)
+        model.set_phase("route", **{**TOKEN_RULE, **rule})
+        return model
 
     def scores(self, model_id: dict[str, Any], build: Callable[[], Any], items) -> dict[str, float]:
         """Scores of one model on ``items`` (task names and/or probes), building the model only if needed."""
@@ -238,7 +294,10 @@ class Bench:
         for item in items:
             key = cache_key(dict(kind="score", model=model_id, item=item, data=self.data_id,
                                  probe=self.settings.probe_questions))
-            if item in self.probes:
+            if item == NLL:
+                key = cache_key(dict(kind="nll", model=model_id, data=self.data_id, texts=self.settings.nll_texts))
+                out[item] = self.store.score(key, lambda: answer_nll(model(), self.tokenizer, self.nll_examples))
+            elif item in self.probes:
                 out[item] = self.store.score(
                     key, lambda item=item: choice_accuracy(model(), self.tokenizer, self.probes[item]))
             else:
@@ -248,14 +307,14 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------------- the methods
-def run(settings: Settings, run_name: str) -> dict[str, Any]:
+def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     bench = Bench(settings, Store(CACHE))
     tasks, everything = list(settings.tasks), list(settings.tasks) + list(settings.probes)
     methods: dict[str, dict[str, float]] = {}
     cost: dict[str, dict[str, Any]] = {}
 
-    methods["zero_shot"] = bench.scores({"m": "zero_shot"}, lambda: bench.base, everything)
+    methods["zero_shot"] = bench.scores({"m": "zero_shot"}, lambda: bench.base, everything + [NLL])
     experts = {t: bench.expert(t) for t in tasks + list(settings.distractors)}
     methods["experts"] = {}
     for t in tasks:
@@ -267,22 +326,35 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
     stage1_examples = len(tasks) * settings.expert_steps * settings.batch_size  # without the router stage
     cost["experts"] = dict(s=stage1_seconds, n=stage1_examples, passes=1)
 
-    # ours: token-level routing over the task experts; variants of the rule
-    variants = {"routing": dict(top_k=1, score_norm="none"), "routing_top2": dict(top_k=2, score_norm="none"),
-                "routing_standardize": dict(top_k=1, score_norm="standardize"),
-                "routing_top2_standardize": dict(top_k=2, score_norm="standardize")}
+    # ours: routing over the task experts, by every rule compared (token rules, then the prototype routers)
+    everything = everything + [NLL]
     library = None
 
     def routed(rule):
         nonlocal library
         library = library or bench.library(tasks)
-        library.set_phase("route", **rule)
+        library.set_phase("route", **{**TOKEN_RULE, **rule})
         return library
 
-    for method, rule in variants.items():
-        methods[method] = bench.scores(bench.routing_id(tasks, **rule), lambda rule=rule: routed(rule),
-                                       everything)
+    by_position: dict[str, dict[str, dict[str, float]]] = {}
+    image_token = getattr(bench.base.config, "image_token_id", getattr(bench.base.config, "image_token_index", None))
+    for method, rule in RULES.items():
+        model_id = bench.routing_id(tasks, rule)
+        methods[method] = bench.scores(model_id, lambda rule=rule: routed(rule), everything)
         cost[method] = dict(s=expert_seconds, n=expert_examples, passes=1)
+        by_position[method] = {t: bench.store.record(
+            cache_key(dict(kind="by_position", model=model_id, item=t, data=bench.data_id, n=POSITION_EXAMPLES)),
+            lambda rule=rule, t=t: own_expert_share(routed(rule), bench.tokenizer,
+                                                    bench.tasks[t].test[:POSITION_EXAMPLES], t, image_token))
+            for t in tasks}
+    if routers_only:  # the routers beside the oracle and REPRO, without the slow baselines
+        methods["repro"], accuracy, _ = repro(bench, tasks)
+        general_nll = {method: scores.pop(NLL) for method, scores in methods.items() if NLL in scores}
+        return {"tasks": tasks, "general": list(settings.probes), "methods": methods, "recommended": RECOMMENDED,
+                "test_examples": {t: len(bench.tasks[t].test) for t in tasks}, "general_nll": general_nll,
+                "routing_by_position": by_position,
+                "routing_accuracy": {"repro": accuracy}, "settings": asdict(settings),
+                "seconds": round(time.perf_counter() - start, 1)}
 
     # Seq-FT and the accuracy matrices for BWT/FWT, over task orders
     orders = task_orders(tasks, methods["experts"], settings)
@@ -300,9 +372,10 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
 
     # routing: the library grown in each order (experts are order-free; the matrix shows what each addition does)
     for order_name, order in orders.items():
-        matrix = growth_matrix(bench, order)
-        matrices[f"routing/{order_name}"] = dict(order=order, matrix=matrix)
-        order_avgs[order_name]["routing"] = sum(matrix[-1]) / len(order)
+        for method in ("routing", RECOMMENDED):
+            matrix = growth_matrix(bench, order, RULES[method])
+            matrices[f"{method}/{order_name}"] = dict(order=order, matrix=matrix)
+            order_avgs[order_name][method] = sum(matrix[-1]) / len(order)
 
     # MTL: one LoRA on all tasks' data at once, the same total steps
     union = [e for t in tasks for e in bench.tasks[t].train]
@@ -337,14 +410,35 @@ def run(settings: Settings, run_name: str) -> dict[str, Any]:
     growth.append(dict(experts=with_distractors, scores=bench.scores(
         bench.routing_id(with_distractors),
         lambda: bench.library(with_distractors), everything)))
+    recommended_rule = RULES[RECOMMENDED]
+    distractor = {"without": methods[RECOMMENDED], "with": bench.scores(
+        bench.routing_id(with_distractors, recommended_rule),
+        lambda: bench.routed_library(with_distractors, recommended_rule), everything)}
+    # cross-modal (or cross-task) transfer: the library with and without each task's related expert
+    related = {}
+    for task, partner in settings.related:
+        without = [t for t in tasks if t != partner]
+        related[f"{task} without {partner}"] = {
+            "with": methods[RECOMMENDED][task], "routing_with": methods["routing"][task],
+            "without": bench.scores(bench.routing_id(without, recommended_rule),
+                                    lambda without=without: bench.routed_library(without, recommended_rule),
+                                    [task])[task],
+            "routing_without": bench.scores(bench.routing_id(without), lambda without=without: bench.library(without),
+                                            [task])[task]}
     heatmap = RESULTS / f"{run_name}_routing.png"
-    library = routed(variants["routing"])
+    library = routed(RULES["routing"])
     plot_routing({t: routing_shares(library, bench.tokenizer, bench.tasks[t].test[:8]) for t in tasks}, heatmap,
                  title=f"{settings.base}, top-1 routing: share of each task's tokens per expert and block")
 
     zero = [methods["zero_shot"][t] for t in canonical]
+    general_nll = {method: scores.pop(NLL) for method, scores in methods.items() if NLL in scores}
+    for scores in [distractor["with"], distractor["without"]] + [step["scores"] for step in growth]:
+        scores.pop(NLL, None)
     results = {
         "tasks": tasks, "general": list(settings.probes), "methods": methods,
+        "recommended": RECOMMENDED, "test_examples": {t: len(bench.tasks[t].test) for t in tasks},
+        "general_nll": general_nll, "distractor": distractor, "related": related,
+        "routing_by_position": by_position,
         "orders": order_avgs,
         "transfer": {name: transfer(m["matrix"], [methods["zero_shot"][t] for t in m["order"]])
                      for name, m in matrices.items()},
@@ -393,12 +487,12 @@ def seq_ft_matrix(bench: Bench, order: list[str], experts) -> tuple[list[list[fl
     return matrix, seconds, examples
 
 
-def growth_matrix(bench: Bench, order: list[str]) -> list[list[float]]:
+def growth_matrix(bench: Bench, order: list[str], rule: dict[str, Any]) -> list[list[float]]:
     matrix = []
     for i in range(len(order)):
         present = list(order[: i + 1])
-        scores = bench.scores(bench.routing_id(present),
-                              lambda present=present: bench.library(present), order)
+        scores = bench.scores(bench.routing_id(present, rule),
+                              lambda present=present: bench.routed_library(present, rule), order)
         matrix.append([scores[t] for t in order])
     return matrix
 
@@ -459,6 +553,9 @@ def two_pass_scores(bench: Bench, method: str, tasks: list[str], model, choices)
         share = bench.store.score(cache_key(dict(kind="routes", model=key_id, item=t)),
                                   lambda: 100.0 * sum(p == t for p in picked()) / len(examples))
         routed_right, total = routed_right + share * len(examples) / 100, total + len(examples)
+    scores[NLL] = bench.store.score(
+        cache_key(dict(kind="nll", model=key_id, texts=bench.settings.nll_texts)),
+        lambda: nll_with_choices(model(), bench.tokenizer, bench.nll_examples, choices(bench.nll_examples)))
     for name in bench.settings.probes:
         probe = bench.probes[name]
         scores[name] = bench.store.score(
@@ -476,14 +573,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
     parser.add_argument("--multimodal", action="store_true", help="the LLaVA-style half (image tasks)")
+    parser.add_argument("--routers-only", action="store_true",
+                        help="only the routing rules beside zero-shot, the oracle and REPRO (-> *_routers.json)")
     args = parser.parse_args()
     settings, name = (QUICK, "continual_quick") if args.quick else (Settings(), "continual")
     if args.multimodal:
         settings, name = replace(settings, **MULTIMODAL_CHANGES), name.replace("continual", "continual_multimodal")
     torch.manual_seed(settings.seed)
-    results = run(settings, name)
+    results = run(settings, name, routers_only=args.routers_only)
+    name += "_routers" if args.routers_only else ""
     write_json_atomic(RESULTS / f"{name}.json", results)
     print(method_table(results))
+    if args.routers_only:
+        return
     print()
     print(order_table(results["orders"]))
     print()

@@ -12,11 +12,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+import yaml
 
-from peft_routing.workflow import ChatCollator, ChatExample, answer_accuracy, choice_accuracy, option_scores
+from peft_routing.workflow import (
+    ChatCollator,
+    ChatExample,
+    answer_accuracy,
+    answer_nll,
+    choice_accuracy,
+    option_scores,
+)
 
 MERGES = {"merge_linear": dict(combination_type="cat"), "merge_ties": dict(combination_type="ties_svd", density=0.5)}
 
@@ -78,6 +88,33 @@ def accuracy_with_choices(model, tokenizer, examples: Sequence[ChatExample], cho
 def general_with_choices(model, tokenizer, probe, choices: Sequence[str]) -> float:
     """The general probe answered question by question with the expert chosen for each."""
     return _scored_by_chosen_expert(model, probe, choices, lambda group: choice_accuracy(model, tokenizer, group))
+
+
+def general_texts(n: int) -> list[ChatExample]:
+    """Real English text no task draws on: MMLU questions answered with worked explanations (the chain-of-thought
+    exemplars that ship with lm-eval, read as files: ``pip install --no-deps lm-eval==0.4.13``), in subject order."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("The NLL probe reads lm-eval's MMLU exemplars: pip install --no-deps lm-eval==0.4.13")
+    folder = Path(spec.origin).parent / "tasks" / "mmlu" / "flan_cot_fewshot"
+    examples = []
+    for path in sorted(folder.glob("mmlu_*.yaml")):
+        for sample in (yaml.safe_load(path.read_text()).get("fewshot_config") or {}).get("samples", []):
+            examples.append(ChatExample([{"role": "user", "content": str(sample["question"]).strip()},
+                                         {"role": "assistant", "content": str(sample["target"]).strip()}]))
+    return examples[:n]
+
+
+def nll_with_choices(model, tokenizer, examples: Sequence[ChatExample], choices: Sequence[str]) -> float:
+    """The NLL probe with each text scored by the expert chosen for it (weighted by its answer tokens)."""
+    total, count = 0.0, 0
+    collator = ChatCollator(tokenizer)
+    for expert in sorted(set(choices)):
+        group = [example for example, choice in zip(examples, choices) if choice == expert]
+        model.set_phase("expert", expert)
+        tokens = sum(collator.render(example).answer_tokens for example in group)
+        total, count = total + answer_nll(model, tokenizer, group) * tokens, count + tokens
+    return total / count
 
 
 def _scored_by_chosen_expert(model, items: Sequence, choices: Sequence[str], accuracy) -> float:

@@ -24,15 +24,15 @@ def transfer(matrix: list[list[float]], zero_shot: Sequence[float]) -> dict[str,
 
 def method_table(results: dict[str, Any]) -> str:
     """Paper Table 1 shape: methods x (tasks, task average, general probes)."""
-    tasks, general = results["tasks"], results["general"]
+    tasks, general, nll = results["tasks"], results["general"], results.get("general_nll", {})
     header = f"{'method':<26}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'avg':>8}" + "".join(
-        f"{g[:10]:>11}" for g in general)
+        f"{g[:10]:>11}" for g in general) + f"{'NLL':>8}"
     lines = [header, "-" * len(header)]
     for method, scores in results["methods"].items():
         cells = "".join(f"{scores[t]:>11.1f}" if t in scores else f"{'-':>11}" for t in tasks)
         avg = f"{average(scores, tasks):>8.1f}" if all(t in scores for t in tasks) else f"{'-':>8}"
         probes = "".join(f"{scores[g]:>11.1f}" if g in scores else f"{'-':>11}" for g in general)
-        lines.append(f"{method:<26}{cells}{avg}{probes}")
+        lines.append(f"{method:<26}{cells}{avg}{probes}" + (f"{nll[method]:>8.3f}" if method in nll else f"{'-':>8}"))
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ from peft_routing.ops import (
 
 TARGETS = LLAMA_PROJECTIONS
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_PARTS = ("layer", "whole", "decode", "calls")
+ALL_PARTS = ("layer", "whole", "routers", "decode", "calls")
 
 
 @dataclass
@@ -224,6 +224,44 @@ def whole_model(setup: Setup) -> dict:
         if name.startswith("graph:") and "graph:base" in timed:
             row["ratio"] = row["ms"] / timed["graph:base"]["ms"]
     return timed
+
+
+ROUTER_RULES = {  # the prototype routers against the token rule, top-2; floors of -1 keep every token routed
+    "token": dict(router="token"),
+    "prototype": dict(router="prototype", fallback="base"),
+    "token+prototype": dict(router="token+prototype", prototype_candidates=2, fallback="base"),
+    "token+prototype,prior": dict(router="token+prototype", prototype_prior=1.0),
+}
+
+
+def routers(setup: Setup) -> dict:
+    """Whole-model cost of each router at N = 8 and 64 (the sizes among setup.library_sizes), side by side."""
+    ids = _token_ids(setup, setup.tokens, seed=0)
+    systems = {"base": forward_fn(built("base", setup), ids)}
+    for n in [n for n in setup.library_sizes if n in (8, 64)] or setup.library_sizes[-1:]:
+        model = built(f"ours:N={n},k=2", setup)
+        _random_prototypes(model)
+        for label, rule in ROUTER_RULES.items():
+            full = dict(top_k=2, router="token", prototype_candidates=1, prototype_margin=0.0, prototype_prior=0.0,
+                        fallback="none") | rule
+
+            def prepare(model=model, full=full):
+                model.set_phase("route", **full)
+                model.set_routing_strategy("auto")
+
+            systems[f"{label}:N={n},k=2"] = (prepare, forward_fn(model, ids))
+    return time_side_by_side(systems, setup.reps)
+
+
+def _random_prototypes(model) -> None:
+    from peft_routing.tuner.prototype import Prototype
+
+    generator = torch.Generator().manual_seed(0)
+    tuner = model.base_model
+    width = tuner.model.config.hidden_size
+    for name in tuner.experts:
+        vector = torch.nn.functional.normalize(torch.randn(width, generator=generator), dim=0)
+        tuner.set_prototype(name, Prototype(vector, 0, -1.0, 128))
 
 
 def _graphed_systems(setup: Setup, ids: torch.Tensor) -> dict:
@@ -506,6 +544,9 @@ def main() -> None:
         result["peak_rss_mib"] = peak_memory(setup, memory_names, args.quick)
         result["expert_mib"] = _expert_mib(setup)
         _print_whole(result)
+    if "routers" in parts:
+        result["routers"] = routers(setup)
+        _print_routers(result["routers"])
     if "decode" in parts:
         result["decode"] = decode(setup)
         _print_decode(result["decode"])
@@ -543,6 +584,14 @@ def _expert_mib(setup: Setup) -> float:
     h, i, r = setup.hidden, setup.intermediate, setup.rank
     per_layer = 4 * (r * 2 * h + h) + 2 * (r * (h + i) + h) + (r * (i + h) + i)
     return per_layer * setup.layers * setup.torch_dtype.itemsize / 2**20
+
+
+def _print_routers(timed: dict) -> None:
+    print(f"{'router':<34}{'ms':>9}{'x base':>9}{'x token':>9}")
+    for name, row in timed.items():
+        token = timed.get("token:" + name.partition(":")[2], {}).get("ratio")
+        versus = f"{row['ratio'] / token:>9.3f}" if token and name != "base" else f"{'':>9}"
+        print(f"{name:<34}{row['ms']:>9.1f}{row['ratio']:>9.3f}{versus}")
 
 
 def _print_layer(rows) -> None:

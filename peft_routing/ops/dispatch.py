@@ -60,6 +60,8 @@ def routed_forward(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSe
         out = tokens.new_zeros(tokens.shape[0], stack.b_t.shape[-1])
     settings = settings.layer_rule
     keep = None if decision is None else decision.keep
+    if keep is not None and bool(keep.all()):
+        keep = None
     if tokens.shape[0] == 0 or (keep is not None and not bool(keep.any())):
         k = min(settings.top_k, stack.num_experts)
         ids = torch.zeros(tokens.shape[0], k, dtype=torch.long, device=tokens.device)
