@@ -10,7 +10,15 @@ library directory) load on first use, so that ``import peft_routing`` does not i
 
 import importlib
 
-from .ops import RoutingSettings, route, route_scores, routed_lora_delta, select_experts, standardize
+from .ops import (
+    RECOMMENDED_ROUTER,
+    RoutingSettings,
+    route,
+    route_scores,
+    routed_lora_delta,
+    select_experts,
+    standardize,
+)
 from .tuner import (
     LLAMA_PROJECTIONS,
     ExpertMismatchError,
@@ -44,6 +52,7 @@ __all__ = [
     "RoutingLinear",
     "RoutingLoraConfig",
     "RoutingLoraModel",
+    "RECOMMENDED_ROUTER",
     "RoutingSettings",
     "route",
     "route_scores",

@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
-from reference import ExpertTensors, prefix_features, prototype_rule, routed_delta_biased
+from reference import ExpertTensors, cosine, prefix_features, prototype_rule, routed_delta_biased
 from testing_utils import make_library, token_batch
 
 from peft_routing.ops import RoutingSettings, cpu_kernel
 from peft_routing.ops.dispatch import routed_forward
-from peft_routing.ops.prototypes import PRIOR_TEMPERATURE, causal_mean, decide, similarities
+from peft_routing.ops.prototypes import PRIOR_TEMPERATURE, causal_mean, decide, prompt_mean, similarities
 from peft_routing.tuner.prototype import PROTOTYPE_FILE, Prototype, PrototypeError
 from peft_routing.tuner.prototype_router import PrototypeRoutingError
 
@@ -26,6 +26,9 @@ RULES = {
     "prior": dict(router="token+prototype", prototype_prior=0.5, top_k=2),
     "fallback": dict(router="prototype", fallback="base"),
     "restrict_fallback": dict(router="token+prototype", prototype_candidates=2, fallback="base"),
+    "prompt": dict(router="prototype", prototype_pooling="prompt"),
+    "prompt_restrict_fallback": dict(router="token+prototype", prototype_candidates=2, top_k=2, fallback="base",
+                                     prototype_pooling="prompt"),
 }
 
 
@@ -35,14 +38,19 @@ def _rule_args(rule: RoutingSettings) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- the math
+def _left_padded(seed: int, batch: int, width: int, dim: int):
+    """(generator, hidden [B, S, d], mask [B, S]) with random left padding; a row may be all padding."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, width, dim, generator=g)
+    pads = torch.randint(0, width + 1, (batch,), generator=g)
+    return g, hidden, torch.arange(width).unsqueeze(0) >= pads.unsqueeze(1)
+
+
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 3), width=st.integers(1, 7), dim=st.integers(1, 6), split=st.integers(0, 7),
        seed=st.integers(0, 10_000))
 def test_causal_mean_matches_the_formula_and_continues_across_chunks(batch, width, dim, split, seed):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, width, dim, generator=g)
-    pads = torch.randint(0, width + 1, (batch,), generator=g)
-    mask = torch.arange(width).unsqueeze(0) >= pads.unsqueeze(1)  # left padding, a row may be all padding
+    _, hidden, mask = _left_padded(seed, batch, width, dim)
     pooled, _ = causal_mean(hidden, mask)
     split = min(split, width)
     first, state = causal_mean(hidden[:, :split], mask[:, :split])
@@ -54,6 +62,28 @@ def test_causal_mean_matches_the_formula_and_continues_across_chunks(batch, widt
             expected = torch.tensor(feature if feature is not None else [0.0] * dim, dtype=torch.float64)
             torch.testing.assert_close(pooled[b, t].double(), expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(chunked[b, t].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def pooled_by_hand(hidden: torch.Tensor, mask: list[bool], pooling: str) -> list[list[float] | None]:
+    """Each position's feature: its prefix's, or (pooling "prompt") the whole row's, i.e. its last prefix's."""
+    features = prefix_features(hidden, mask)
+    return features if pooling == "prefix" else [features[-1]] * len(features)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), width=st.integers(1, 7), extra=st.integers(0, 3), dim=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def test_prompt_mean_is_the_whole_prompt_for_every_position_and_later_chunk(batch, width, extra, dim, seed):
+    g, hidden, mask = _left_padded(seed, batch, width, dim)
+    pooled, state = prompt_mean(hidden, mask)
+    later, _ = prompt_mean(torch.randn(batch, extra, dim, generator=g), torch.ones(batch, extra, dtype=torch.bool),
+                           state)
+    for b in range(batch):
+        whole = pooled_by_hand(hidden[b], mask[b].tolist(), "prompt")[0]
+        expected = torch.tensor(whole if whole is not None else [0.0] * dim, dtype=torch.float64)
+        for row in (pooled[b], later[b]):
+            for feature in row:
+                torch.testing.assert_close(feature.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)
@@ -114,10 +144,25 @@ def _give_prototypes(model, seed: int = 0, floor: float = -1.0, layer: int = 0) 
         model.base_model.set_prototype(name, Prototype(vector, layer, floor, 8))
 
 
+def _floor_between_rows(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Midway between the rows' best prompt cosines (prototypes at block 0, whose input is the embeddings)."""
+    tuner = model.base_model
+    embeddings = tuner.model.model.embed_tokens(ids).detach()
+    prototypes = [tuner.expert_prototype(n).vector.double().tolist() for n in tuner.experts]
+    best = [max(cosine(pooled_by_hand(embeddings[b], mask[b].bool().tolist(), "prompt")[0], p) for p in prototypes)
+            for b in range(ids.shape[0])]
+    return (min(best) + max(best)) / 2
+
+
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_route_phase_matches_the_reference_layer_by_layer(rule):
     model = make_library("llama", 3, ranks=[2, 4])
+    ids = token_batch(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
     _give_prototypes(model, floor=0.05)
+    if RULES[rule].get("prototype_pooling") == "prompt":  # one decision per row: a floor between the rows' best
+        _give_prototypes(model, floor=_floor_between_rows(model, ids, mask))
     model.set_phase("route", **RULES[rule])
     tuner = model.base_model
     blocks = tuner.model.model.layers
@@ -129,9 +174,6 @@ def test_route_phase_matches_the_reference_layer_by_layer(rule):
     for layer in tuner.routing_layers():
         handles.append(layer.register_forward_hook(
             lambda m, args, out: calls.append((m, args[0].detach(), out.detach()))))
-    ids = token_batch(2, 7)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # a left-padded row
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     for handle in handles:
@@ -142,7 +184,7 @@ def test_route_phase_matches_the_reference_layer_by_layer(rule):
     routing = tuner.routing_settings
     rules = []
     for b in range(ids.shape[0]):
-        for feature in prefix_features(captured["h"][b], mask[b].bool().tolist()):
+        for feature in pooled_by_hand(captured["h"][b], mask[b].bool().tolist(), routing.prototype_pooling):
             rules.append(prototype_rule(feature, prototypes, floors, **_rule_args(routing)))
     layer_rule = routing.layer_rule
     kept_out = 0
@@ -181,6 +223,72 @@ def test_generate_with_kv_cache_left_padding_and_beams_matches_no_cache(rule):
         rest = model(input_ids=ids[:, 4:], attention_mask=mask, cache=first.past_key_values)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], dim=1)[mask.bool()], full[mask.bool()],
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_prompt_pooling_generates_what_the_prompts_nearest_expert_alone_generates(beams):
+    """REPRO's two passes written out: pick each row's expert from its prompt, then generate with that expert."""
+    model = make_library("llama", 3)
+    _give_prototypes(model, seed=5)
+    tuner = model.base_model
+    ids = token_batch(3, 6, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :1] = 0
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  num_beams=beams)
+    embeddings = tuner.model.model.embed_tokens(ids).detach()  # what enters block 0, the prototype block
+    prototypes = [tuner.expert_prototype(n).vector.double().tolist() for n in tuner.experts]
+    chosen = []
+    for b in range(ids.shape[0]):
+        whole = pooled_by_hand(embeddings[b], mask[b].bool().tolist(), "prompt")[0]
+        cos = [cosine(whole, p) for p in prototypes]
+        chosen.append(tuner.experts[max(range(len(cos)), key=cos.__getitem__)])
+    assert len(set(chosen)) > 1, "the rows should pick different experts, or the test shows little"
+    with torch.no_grad():
+        model.set_phase("route", router="prototype", prototype_pooling="prompt")
+        routed = model.generate(**common)
+        alone = {}
+        for name in set(chosen):
+            model.set_phase("expert", name)
+            alone[name] = model.generate(**common)
+    for b, name in enumerate(chosen):
+        assert torch.equal(routed[b], alone[name][b]), f"row {b} (expert {name})"
+
+
+def test_prompt_positions_make_a_teacher_forced_pass_route_as_generation_does():
+    model = make_library("llama", 3)
+    _give_prototypes(model, seed=5)
+    model.set_phase("route", router="token+prototype", prototype_candidates=2, top_k=2, prototype_pooling="prompt")
+    ids = token_batch(2, 9, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    prompt = 6  # the first 6 columns are the prompt, the last 3 the answer
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
+        rest = model(input_ids=ids[:, prompt:], attention_mask=mask, cache=first.past_key_values)
+        generated = torch.cat([first.logits, rest.logits], dim=1)
+        with model.base_model.prompt_positions(torch.arange(9).unsqueeze(0).expand(2, -1) < prompt):
+            forced = model(input_ids=ids, attention_mask=mask).logits
+        whole = model(input_ids=ids, attention_mask=mask).logits  # without it the answer takes part in the choice
+    real = mask.bool()
+    torch.testing.assert_close(forced[real], generated[real], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(whole[real], generated[real], atol=1e-5), "the answer should have moved the choice"
+    with pytest.raises(PrototypeRoutingError, match="one flag per input position"):
+        with model.base_model.prompt_positions(torch.ones(2, 3, dtype=torch.bool)), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+
+
+def test_a_cache_built_with_the_other_pooling_is_refused():
+    model = make_library("llama", 2)
+    _give_prototypes(model)
+    ids = token_batch(1, 5)
+    with torch.no_grad():
+        model.set_phase("route", router="prototype")
+        past = model(input_ids=ids, use_cache=True).past_key_values
+        model.set_phase("route", router="prototype", prototype_pooling="prompt")
+        with pytest.raises(PrototypeRoutingError, match="same router and pooling"):
+            model(input_ids=ids[:, :1], cache=past)
 
 
 def test_a_cache_the_router_did_not_see_is_refused():

@@ -5,8 +5,10 @@ Methods, all on the same generated tasks (``demo.tasks``) and the same training 
   * seq_ft: one LoRA trained on the tasks in order (Seq-FT: it starts from the first task's LoRA, which is the
     same procedure as training it from scratch on that task, then continues on each next task);
   * experts: each task's own expert, told the task (the oracle);
-  * routing: the library of experts, each token routed top-k with no task id (the library's rule; the standardised
-    PHATGOOSE score is reported beside it).
+  * routing: the library of experts, each token routed top-k with no task id (the paper's token rule);
+  * routing_recommended: the same library under the recommended router (``RECOMMENDED_ROUTER``: each sequence
+    takes the expert whose task prototype is nearest to its prompt, in the same forward; a prompt near none of
+    them, like the general probe's, runs on the base model).
 The general probe (multiple-choice capitals) is never trained on: it shows whether the base model's own
 knowledge survives. Outputs: ``results.json``, ``routing.png`` (where each task's tokens go) and the library.
 
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from ..io.atomic import write_json_atomic
+from ..ops.settings import RECOMMENDED_ROUTER
 from ..tuner.config import LLAMA_PROJECTIONS, RoutingLoraConfig
 from ..workflow.diagnostics import plot_routing, routing_shares
 from ..workflow.evaluation import answer_accuracy, choice_accuracy
@@ -92,8 +95,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, overwrit
     methods["routing"] = score(model, "routing")
     shares = {t.name: routing_shares(model, tokenizer, t.test[:16]) for t in tasks}
     plot_routing(shares, out / "routing.png", title="SmolLM2-135M: share of tokens per expert and block")
-    model.set_phase("route", score_norm="standardize")
-    methods["routing_standardize"] = score(model, "routing (standardize)")
+    model.set_phase("route", **RECOMMENDED_ROUTER)
+    methods["routing_recommended"] = score(model, "routing (recommended)")
     methods["seq_ft"] = score(_sequential_finetune(model, tokenizer, tasks, settings), "Seq-FT")
 
     expert_seconds = sum(r.expert.seconds for r in reports.values())
@@ -101,7 +104,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, overwrit
     results = {
         "tasks": [t.name for t in tasks],
         "methods": {k: {name: round(v, 2) for name, v in methods[k].items()} for k in
-                    ("zero_shot", "seq_ft", "routing", "routing_standardize", "experts")},
+                    ("zero_shot", "seq_ft", "routing", "routing_recommended", "experts")},
         "settings": asdict(settings),
         "training": {name: report.as_dict() for name, report in reports.items()},
         "seconds": {"expert_stage": round(expert_seconds, 1), "router_stage": round(router_seconds, 1),

@@ -8,12 +8,13 @@ side by side), ``strategies`` (PyTorch paths), ``cpu_kernel`` and ``triton_path`
 from .dispatch import STRATEGIES, choose_strategy, routed_forward
 from .expert_stack import ExpertStack
 from .routing import Routes, route, route_scores, routed_lora_delta, select_experts, standardize, top_k
-from .settings import MIXINGS, SCORE_NORMS, RoutingSettings, check_routing_fields
+from .settings import MIXINGS, RECOMMENDED_ROUTER, SCORE_NORMS, RoutingSettings, check_routing_fields
 from .strategies import LOOPED_EXPERT_ROWS, sorted_layout, stack_scores
 
 __all__ = [
     "LOOPED_EXPERT_ROWS",
     "MIXINGS",
+    "RECOMMENDED_ROUTER",
     "SCORE_NORMS",
     "STRATEGIES",
     "ExpertStack",

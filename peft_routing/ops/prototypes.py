@@ -6,7 +6,9 @@ of a sequence it is the mean of the normalised hidden states entering the protot
 
     g_t = mean_{s <= t, s not padding} h_s / |h_s|          (causal_mean; a running sum carries it across a KV cache)
 
-and at the end of a prompt g_t is the prompt's feature the prototype was built from. With c_tj = cos(g_t, p_j):
+and at the end of a prompt g_t is the prompt's feature the prototype was built from. With ``prototype_pooling=
+"prompt"`` every position of a sequence uses its prompt's g (the g of the prompt's last real position; prompt_mean),
+generated tokens included: REPRO's one choice per sequence, taken inside the forward. With c_tj = cos(g_t, p_j):
 
     router "prototype":        only the nearest prototype's expert, at full weight;
     router "token+prototype":  the token scores restricted to the ``prototype_candidates`` nearest experts where the
@@ -70,6 +72,22 @@ def causal_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
         empty = PrefixState(features.new_zeros(hidden.shape[0], hidden.shape[2]), real.new_zeros(hidden.shape[0]))
         return pooled, state or PrefixState(empty.total, empty.count.long())
     return pooled, PrefixState(total[:, -1], count[:, -1])
+
+
+def prompt_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
+                state: PrefixState | None = None) -> tuple[torch.Tensor, PrefixState]:
+    """The prompt's feature g at every position of a chunk [B, S, d]: a chunk that starts the sequences is their
+    prompt; a later chunk (``state`` given) keeps the prompt's feature, so the sequence keeps its choice.
+
+    Args:
+        hidden: [B, S, d] hidden states entering the prototype layer.
+        mask: [B, S], True at real positions (None: all real).
+        state: the prompt's sums (None: this chunk is the prompt).
+    """
+    if state is None:
+        _, state = causal_mean(hidden, mask)
+    total = state.total / state.count.clamp(min=1).unsqueeze(-1).to(state.total.dtype)
+    return total.unsqueeze(1).expand(-1, hidden.shape[1], -1), state
 
 
 @dataclass

@@ -10,6 +10,10 @@ SCORE_NORMS = ("none", "standardize")
 MIXINGS = ("softmax", "sigmoid")
 ROUTERS = ("token", "prototype", "token+prototype")
 FALLBACKS = ("none", "base")
+POOLINGS = ("prefix", "prompt")
+# The one-pass router benchmarks/continual.py recommends (set_phase("route", **RECOMMENDED_ROUTER)); it needs every
+# expert to carry a task prototype, so the default stays the paper's token rule, which any library can run.
+RECOMMENDED_ROUTER = dict(router="prototype", prototype_pooling="prompt", fallback="base")
 
 
 def check_routing_fields(top_k: int, temperature: float, score_norm: str, mixing: str) -> None:
@@ -34,7 +38,7 @@ def check_routing_fields(top_k: int, temperature: float, score_norm: str, mixing
 
 
 def check_prototype_fields(router: str, prototype_candidates: int, prototype_margin: float, prototype_prior: float,
-                           fallback: str) -> None:
+                           fallback: str, prototype_pooling: str = "prefix") -> None:
     """Raise a ValueError naming the first invalid prototype-routing setting (``RoutingSettings`` has their meaning).
 
     Args:
@@ -43,6 +47,7 @@ def check_prototype_fields(router: str, prototype_candidates: int, prototype_mar
         prototype_margin: a finite number >= 0.
         prototype_prior: a finite number >= 0.
         fallback: one of ``FALLBACKS``.
+        prototype_pooling: one of ``POOLINGS``.
     """
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}.")
@@ -53,6 +58,8 @@ def check_prototype_fields(router: str, prototype_candidates: int, prototype_mar
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
+    if prototype_pooling not in POOLINGS:
+        raise ValueError(f"prototype_pooling must be one of {POOLINGS}, got {prototype_pooling!r}.")
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,10 @@ class RoutingSettings:
             token scores instead of restricting them.
         fallback: ``"base"``: a position whose prefix is farther from every prototype than that expert's own
             training prompts were (the prototype's floor) gets no expert, i.e. the base model; ``"none"``: never.
+        prototype_pooling: what a position is compared with the prototypes by. ``"prefix"``: the mean feature of
+            its own prefix (strictly causal). ``"prompt"``: the whole prompt's mean feature, for every position of
+            the prompt and every token generated after it, i.e. REPRO's one choice per sequence. The "prompt" is
+            the input of a sequence's first forward; the KV cache carries the choice on to later calls.
     """
 
     top_k: int = 1
@@ -85,11 +96,12 @@ class RoutingSettings:
     prototype_margin: float = 0.0
     prototype_prior: float = 0.0
     fallback: str = "none"
+    prototype_pooling: str = "prefix"
 
     def __post_init__(self) -> None:
         check_routing_fields(self.top_k, self.temperature, self.score_norm, self.mixing)
         check_prototype_fields(self.router, self.prototype_candidates, self.prototype_margin, self.prototype_prior,
-                               self.fallback)
+                               self.fallback, self.prototype_pooling)
 
     @cached_property
     def layer_rule(self) -> RoutingSettings:

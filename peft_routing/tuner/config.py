@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from peft import LoraConfig
 
@@ -61,6 +61,10 @@ class RoutingLoraConfig(LoraConfig):
     fallback: str = field(
         default="none", metadata={"help": "'base': no expert where the prefix is far from every prototype."}
     )
+    prototype_pooling: str = field(
+        default="prefix",
+        metadata={"help": "'prefix' (each position's own prefix) or 'prompt' (the whole prompt decides the sequence)."},
+    )
     language_model_only: bool = field(
         default=True,
         metadata={"help": "In a multimodal model adapt only the language model, never the vision tower/projector."},
@@ -83,7 +87,7 @@ class RoutingLoraConfig(LoraConfig):
         self.peft_type = routing_lora_peft_type()
         check_routing_fields(self.top_k, self.temperature, self.score_norm, self.mixing)
         check_prototype_fields(self.router, self.prototype_candidates, self.prototype_margin, self.prototype_prior,
-                               self.fallback)
+                               self.fallback, self.prototype_pooling)
         # the prototype's vector, read with the config (from_pretrained) and never written into adapter_config.json
         self.prototype_vector = getattr(self, "prototype_vector", None)
         for option in _UNSUPPORTED_LORA_OPTIONS:
@@ -109,5 +113,4 @@ class RoutingLoraConfig(LoraConfig):
 
     def routing_settings(self) -> RoutingSettings:
         """The route-phase rule this config describes."""
-        return RoutingSettings(self.top_k, self.temperature, self.score_norm, self.mixing, self.router,
-                               self.prototype_candidates, self.prototype_margin, self.prototype_prior, self.fallback)
+        return RoutingSettings(**{f.name: getattr(self, f.name) for f in fields(RoutingSettings)})

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -143,6 +146,7 @@ class RoutingLoraModel(LoraModel):
         prototype_margin: float | None = None,
         prototype_prior: float | None = None,
         fallback: str | None = None,
+        prototype_pooling: str | None = None,
     ) -> None:
         """Switch between the method's three phases.
 
@@ -162,10 +166,11 @@ class RoutingLoraModel(LoraModel):
             prototype_margin: token+prototype: the confidence gate on the nearest prototype's lead.
             prototype_prior: token+prototype: weight of the additive log-prior (0: restrict instead).
             fallback: ``"base"``: no expert where the prefix is far from every prototype; ``"none"``.
+            prototype_pooling: ``"prefix"`` (each position's prefix) or ``"prompt"`` (the prompt decides).
         """
         overrides = dict(top_k=top_k, temperature=temperature, score_norm=score_norm, mixing=mixing, router=router,
                          prototype_candidates=prototype_candidates, prototype_margin=prototype_margin,
-                         prototype_prior=prototype_prior, fallback=fallback)
+                         prototype_prior=prototype_prior, fallback=fallback, prototype_pooling=prototype_pooling)
         if phase not in PHASES:
             raise ValueError(f"Unknown phase {phase!r}; use one of {PHASES}.")
         if phase == "route":
@@ -244,6 +249,27 @@ class RoutingLoraModel(LoraModel):
         if wanted:
             prototypes = {name: self.expert_prototype(name) for name in self.experts}
             self._prototype_router = PrototypeRouter(self.model, layers, self.experts, prototypes, settings)
+
+    @contextmanager
+    def prompt_positions(self, mask: torch.Tensor) -> Iterator[None]:
+        """Forwards inside the block take only ``mask``'s positions as each sequence's prompt.
+
+        Only ``prototype_pooling="prompt"`` reads it: a teacher-forced pass over prompt + answer then routes as
+        ``generate()`` on the prompt alone would (the answer does not take part in the choice). Elsewhere it changes
+        nothing.
+
+        Args:
+            mask: [batch, positions] of the coming forwards' input, True at the prompt's positions.
+        """
+        router = self._prototype_router
+        if router is None:
+            yield
+            return
+        router.prompt_mask = mask
+        try:
+            yield
+        finally:
+            router.prompt_mask = None
 
     # --------------------------------------------------------------------------------------------------- prototypes
     def expert_prototype(self, name: str) -> Prototype | None:
@@ -381,10 +407,8 @@ class RoutingLoraModel(LoraModel):
         config.module_shapes = {p: [m.out_features, m.in_features, m.r[name]] for p, m in sorted(layers.items())}
         config.expert_name = name
         config.inference_mode = True
-        config.top_k, config.temperature = self.routing_settings.top_k, self.routing_settings.temperature
-        for field_name in ("score_norm", "mixing", "router", "prototype_candidates", "prototype_margin",
-                           "prototype_prior", "fallback"):
-            setattr(config, field_name, getattr(self.routing_settings, field_name))
+        for setting in fields(RoutingSettings):
+            setattr(config, setting.name, getattr(self.routing_settings, setting.name))
         return config
 
     def save_expert(

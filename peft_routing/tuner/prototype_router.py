@@ -23,11 +23,11 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..ops.prototypes import PrefixState, PrototypeDecision, causal_mean, decide, similarities
+from ..ops.prototypes import PrefixState, PrototypeDecision, causal_mean, decide, prompt_mean, similarities
 from ..ops.settings import RoutingSettings
 from .prototype import Prototype
 
-_STATE = "_peft_routing_prefix"  # (PrefixState, positions seen) on a cache object
+_STATE = "_peft_routing_prefix"  # (PrefixState, positions seen, pooling) on a cache object
 _FOLLOWED = "_peft_routing_follows"
 
 
@@ -65,6 +65,7 @@ class PrototypeRouter:
                  prototypes: dict[str, Prototype | None], settings: RoutingSettings) -> None:
         self.settings, self.experts = settings, list(experts)
         self.current: PrototypeDecision | None = None
+        self.prompt_mask: torch.Tensor | None = None  # set by RoutingLoraModel.prompt_positions
         self._handles: list = []
         self._columns: dict[tuple[str, ...], torch.Tensor | None] = {}
         self.problem = self._library_problem(model, layers, prototypes)
@@ -135,10 +136,14 @@ class PrototypeRouter:
     def _before_prototype_block(self, module, args, kwargs) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, width = hidden.shape[:2]
-        pooled, state = causal_mean(hidden, self._chunk_mask(batch, width), self._prefix_state())
+        mask, state = self._chunk_mask(batch, width), self._prefix_state()
+        if self.settings.prototype_pooling == "prompt":
+            pooled, state = prompt_mean(hidden, self._only_prompt(mask, batch, width, state), state)
+        else:
+            pooled, state = causal_mean(hidden, mask, state)
         cosines = similarities(pooled.reshape(batch * width, -1), self.prototypes.to(hidden.device))
         self.current = decide(cosines, self.floors.to(hidden.device), self.settings)
-        self._pending = (state, self._past + width)
+        self._pending = (state, self._past + width, self.settings.prototype_pooling)
 
     def _after_language_model(self, module, args, kwargs, output) -> None:
         cache = getattr(output, "past_key_values", None) or getattr(output, "cache", None) or self._cache
@@ -155,14 +160,26 @@ class PrototypeRouter:
                                         f"tokenizer gives; got shape {tuple(mask.shape)}.")
         return mask[:, -width:].bool()
 
+    def _only_prompt(self, mask: torch.Tensor | None, batch: int, width: int,
+                     state: PrefixState | None) -> torch.Tensor | None:
+        """The chunk's mask narrowed to the prompt positions ``prompt_mask`` marks, for a chunk that is a prompt."""
+        prompt = self.prompt_mask
+        if prompt is None or state is not None:
+            return mask
+        if prompt.shape != (batch, width):
+            raise PrototypeRoutingError(f"prompt_positions got a mask of shape {tuple(prompt.shape)} for an input "
+                                        f"of shape {(batch, width)}; give one flag per input position.")
+        prompt = prompt.bool().to(self.prototypes.device if mask is None else mask.device)
+        return prompt if mask is None else mask & prompt
+
     def _prefix_state(self) -> PrefixState | None:
         if self._past == 0:
             return None
         stored = getattr(self._cache, _STATE, None)
-        if stored is None or stored[1] != self._past:
+        if stored is None or stored[1:] != (self._past, self.settings.prototype_pooling):
             raise PrototypeRoutingError(
                 "prototype routing cannot continue this KV cache: it was not built by a routed forward with the "
-                "same router, or it was cropped. Run the whole sequence again without the cache.")
+                "same router and pooling, or it was cropped. Run the whole sequence again without the cache.")
         return stored[0]
 
     # ------------------------------------------------------------------------------------------------ layers
@@ -191,9 +208,9 @@ class PrototypeRouter:
         return None if columns is None else columns.to(device)
 
 
-def _store(cache, state: PrefixState, seen: int) -> None:
+def _store(cache, state: PrefixState, seen: int, pooling: str) -> None:
     """Keep the prefix sums on the cache object, and make its row selections carry them along."""
-    setattr(cache, _STATE, (state, seen))
+    setattr(cache, _STATE, (state, seen, pooling))
     if getattr(cache, _FOLLOWED, False):
         return
     reference = weakref.ref(cache)
@@ -206,7 +223,7 @@ def _store(cache, state: PrefixState, seen: int) -> None:
             owner = reference()
             stored = getattr(owner, _STATE, None)
             if stored is not None:
-                setattr(owner, _STATE, (stored[0].select(rows), stored[1]))
+                setattr(owner, _STATE, (stored[0].select(rows), *stored[1:]))
             return _original(rows, *args, **kwargs)
 
         setattr(cache, method, follow)

@@ -21,6 +21,7 @@ from ..io.atomic import staged_path
 from ..tuner.layer import RoutingLinear
 from .collate import IGNORE_INDEX, ChatCollator
 from .data import ChatExample
+from .evaluation import routing_on_prompt_only
 
 BASE_COLUMN = "(base)"
 POSITION_KINDS = ("image", "question", "answer")
@@ -124,7 +125,8 @@ def own_expert_share(model, processor, examples: Sequence[ChatExample], expert: 
             batch = collator([example])
             labels = batch.pop("labels")[0]
             recorder.top_choices.clear()
-            model(**batch)
+            with routing_on_prompt_only(model, batch["input_ids"], labels.unsqueeze(0)):
+                model(**batch)
             kinds = _position_kinds(batch["input_ids"][0], labels, image_token_id)
             for choices in recorder.top_choices:
                 for kind in POSITION_KINDS:

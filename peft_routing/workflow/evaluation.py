@@ -9,6 +9,7 @@ log-likelihood of each option as the answer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -30,7 +31,8 @@ def answer_token_logprobs(model, collator: ChatCollator, examples: Sequence[Chat
     """
     batch = collator(list(examples))
     labels = batch.pop("labels")
-    logits = model(**batch).logits.float()
+    with routing_on_prompt_only(model, batch["input_ids"], labels):
+        logits = model(**batch).logits.float()
     logits, targets = logits[:, :-1], labels[:, 1:]  # logit t predicts token t + 1
     mask = targets != IGNORE_INDEX
     safe_targets = targets.clamp(min=0)
@@ -121,6 +123,23 @@ def choice_accuracy(model, processor, questions: Sequence[tuple[ChatExample, Seq
                            progress=progress)
     correct = sum(max(range(len(s)), key=s.__getitem__) == right for s, (_, _, right) in zip(scores, questions))
     return 100.0 * correct / len(questions)
+
+
+def routing_on_prompt_only(model, input_ids: torch.Tensor, labels: torch.Tensor):
+    """A context in which a routed library that routes by the whole prompt (prototype_pooling="prompt") chooses on
+    the prompt alone, as generate() would, though the teacher-forced input holds the answer too.
+
+    Args:
+        model: the model about to score ``input_ids`` (anything but a routed library: nothing changes).
+        input_ids: [B, S], left-padded, the answers ending in the last column (ChatCollator).
+        labels: the answer-only labels ChatCollator gives with it (possibly only the last columns).
+    """
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(tuner, "prompt_positions"):
+        return contextlib.nullcontext()
+    answer_lengths = (labels != IGNORE_INDEX).sum(dim=1, keepdim=True)  # answers end in the last column
+    width = input_ids.shape[1]
+    return tuner.prompt_positions(torch.arange(width).unsqueeze(0) < width - answer_lengths)
 
 
 def _collator(model, processor) -> ChatCollator:
