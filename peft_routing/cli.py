@@ -76,6 +76,29 @@ def _routing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert", help="use this one expert only (the oracle), instead of routing over all")
     parser.add_argument("--top-k", type=int, help="experts per token (default: the library's, from its experts)")
     parser.add_argument("--score-norm", choices=["none", "standardize"], help="routing score (default: the library's)")
+    _router_options(parser)
+
+
+def _router_options(parser: argparse.ArgumentParser) -> None:
+    from .ops.settings import FALLBACKS, POOLINGS, ROUTERS
+
+    parser.add_argument("--router", choices=[*ROUTERS, "recommended"],
+                        help="token (the paper's), prototype, token+prototype, or recommended "
+                             "(peft_routing.RECOMMENDED_ROUTER); default: the library's")
+    parser.add_argument("--prototype-pooling", choices=POOLINGS, help="prefix or prompt (prototype routers)")
+    parser.add_argument("--fallback", choices=FALLBACKS, help="base: no expert for prompts far from every prototype")
+
+
+def _router_overrides(args) -> dict:
+    """set_phase("route", ...) keywords from the routing options (None: the library's)."""
+    from .ops.settings import RECOMMENDED_ROUTER
+
+    overrides = dict(top_k=getattr(args, "top_k", None), score_norm=getattr(args, "score_norm", None),
+                     router=getattr(args, "router", None), prototype_pooling=getattr(args, "prototype_pooling", None),
+                     fallback=getattr(args, "fallback", None))
+    if overrides["router"] == "recommended":
+        overrides.update({k: v for k, v in RECOMMENDED_ROUTER.items() if k == "router" or overrides.get(k) is None})
+    return overrides
 
 
 # ------------------------------------------------------------------------------------------------------- learn
@@ -169,7 +192,8 @@ def _drop_none(**values):
 
 
 # ------------------------------------------------------------------------------------- generate / eval / inspect
-def _load_for_inference(args):
+def load_for_inference(args: argparse.Namespace):
+    """(the library's model in the route phase by the routing options, or one expert; its processor)."""
     from .demo.base_models import load_base_model
     from .workflow.library import ExpertLibrary
 
@@ -180,7 +204,7 @@ def _load_for_inference(args):
         library.expert_dir(args.expert)  # a clear error for an unknown name
         model.set_phase("expert", args.expert)
     else:
-        model.set_phase("route", top_k=getattr(args, "top_k", None), score_norm=getattr(args, "score_norm", None))
+        model.set_phase("route", **_router_overrides(args))
     return model, processor
 
 
@@ -208,7 +232,7 @@ def _run_generate(args) -> int:
         load_examples(args.data, require_answer=False) if args.data else [])
     if not examples:
         raise ValueError("Nothing to answer: pass --prompt TEXT or --data FILE.")
-    model, processor = _load_for_inference(args)
+    model, processor = load_for_inference(args)
     collator = ChatCollator(processor)
     tokenizer = collator.tokenizer
     for start in range(0, len(examples), args.batch_size):
@@ -241,7 +265,7 @@ def _run_eval(args) -> int:
     from .workflow.evaluation import answer_accuracy
 
     examples = load_examples(args.data)
-    model, processor = _load_for_inference(args)
+    model, processor = load_for_inference(args)
     accuracy = answer_accuracy(model, processor, examples, batch_size=args.batch_size, progress="eval")
     who = f"expert {args.expert!r}" if args.expert else f"the routed library {model.base_model.experts}"
     print(f"accuracy {accuracy:.1f} on {len(examples)} examples of {args.data} ({who})")
@@ -261,6 +285,7 @@ def _inspect_parser(commands) -> None:
     parser.add_argument("--limit", type=int, default=32, help="examples to use (default 32)")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--score-norm", choices=["none", "standardize"])
+    _router_options(parser)
 
 
 def _run_inspect(args) -> int:
@@ -268,7 +293,7 @@ def _run_inspect(args) -> int:
     from .workflow.diagnostics import plot_routing, routing_shares
 
     examples = load_examples(args.data)[: args.limit]
-    model, processor = _load_for_inference(args)
+    model, processor = load_for_inference(args)
     shares = routing_shares(model, processor, examples)
     plot_routing({args.data.stem: shares}, args.out)
     totals = shares.shares.mean(dim=0) if len(shares.blocks) else shares.shares.sum(dim=0)

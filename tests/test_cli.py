@@ -8,7 +8,7 @@ import json
 import pytest
 from testing_utils import task_records, tiny_chat_llama, tiny_chat_tokenizer
 
-from peft_routing.cli import COMMANDS, build_parser, main
+from peft_routing.cli import COMMANDS, build_parser, load_for_inference, main
 from peft_routing.workflow import ExpertLibrary
 
 TRAIN = ["--expert-steps", "6", "--lr", "2e-2", "--batch-size", "4", "--router-steps", "2",
@@ -64,8 +64,16 @@ def test_learn_generate_eval_inspect_and_pull(tmp_path, base_folder, capsys):
     assert json.loads(result.read_text())["examples"] == 16
     assert main(["eval", "--library", str(library), "--data", str(alpha), "--expert", "alpha"]) == 0
 
+    # learn computed the prototypes, so the prototype routers run from the command line
+    assert main(["eval", "--library", str(library), "--data", str(alpha), "--router", "recommended"]) == 0
+    args = build_parser().parse_args(["eval", "--library", str(library), "--data", str(alpha), "--router",
+                                      "recommended", "--fallback", "none"])
+    settings = load_for_inference(args)[0].base_model.routing_settings
+    assert (settings.router, settings.prototype_pooling, settings.fallback) == ("prototype", "prompt", "none")
+
     png = tmp_path / "routing.png"
-    assert main(["inspect", "--library", str(library), "--data", str(alpha), "--out", str(png), "--limit", "4"]) == 0
+    assert main(["inspect", "--library", str(library), "--data", str(alpha), "--out", str(png), "--limit", "4",
+                 "--router", "token+prototype", "--prototype-pooling", "prompt"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "% of tokens" in capsys.readouterr().out
 

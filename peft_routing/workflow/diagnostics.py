@@ -96,8 +96,9 @@ def routing_shares(model, processor, examples: Sequence[ChatExample]) -> Routing
     with RoutingRecorder(model) as recorder:
         for example in examples:
             batch = collator([example])
-            batch.pop("labels")
-            model(**batch)
+            labels = batch.pop("labels")
+            with routing_on_prompt_only(model, batch["input_ids"], labels):
+                model(**batch)
     return recorder.shares()
 
 
