@@ -103,7 +103,7 @@ NLL = "general_nll"
 
 # Every rule of the route phase compared, as complete set_phase("route", ...) keyword sets.
 TOKEN_RULE = dict(top_k=1, score_norm="none", router="token", prototype_candidates=1, prototype_margin=0.0,
-                  prototype_prior=0.0, fallback="none")
+                  prototype_prior=0.0, fallback="none", prototype_pooling="prefix")
 TOKEN_ROUTERS = {"routing": dict(top_k=1, score_norm="none"), "routing_top2": dict(top_k=2, score_norm="none"),
                  "routing_standardize": dict(top_k=1, score_norm="standardize"),
                  "routing_top2_standardize": dict(top_k=2, score_norm="standardize")}
@@ -116,9 +116,16 @@ PROTOTYPE_ROUTERS = {
     "routing_tp_gate": dict(router="token+prototype", prototype_margin=0.02, top_k=2, score_norm="standardize"),
     "routing_tp_restrict2_base": dict(router="token+prototype", prototype_candidates=2, top_k=2,
                                       score_norm="standardize", fallback="base"),
+    # the same, the whole prompt deciding (REPRO's choice, taken inside the one pass)
+    "routing_prompt": dict(router="prototype", prototype_pooling="prompt"),
+    "routing_prompt_base": dict(router="prototype", prototype_pooling="prompt", fallback="base"),
+    "routing_tp_prompt_restrict2_base": dict(router="token+prototype", prototype_candidates=2, top_k=2,
+                                             score_norm="standardize", fallback="base", prototype_pooling="prompt"),
 }
 RULES = {**TOKEN_ROUTERS, **PROTOTYPE_ROUTERS}
-RECOMMENDED = "routing_prototype_base"
+RECOMMENDED = "routing_prompt_base"
+if RULES[RECOMMENDED] != peft_routing.RECOMMENDED_ROUTER:
+    raise RuntimeError(f"RULES[{RECOMMENDED!r}] must be peft_routing.RECOMMENDED_ROUTER, which the README recommends.")
 POSITION_EXAMPLES = 16  # test examples per task for the routing accuracy by kind of position
 
 
@@ -349,10 +356,11 @@ def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[s
             for t in tasks}
     if routers_only:  # the routers beside the oracle and REPRO, without the slow baselines
         methods["repro"], accuracy, _ = repro(bench, tasks)
+        distractor, related = distractor_and_related(bench, tasks, methods, everything)
         general_nll = {method: scores.pop(NLL) for method, scores in methods.items() if NLL in scores}
         return {"tasks": tasks, "general": list(settings.probes), "methods": methods, "recommended": RECOMMENDED,
                 "test_examples": {t: len(bench.tasks[t].test) for t in tasks}, "general_nll": general_nll,
-                "routing_by_position": by_position,
+                "routing_by_position": by_position, "distractor": distractor, "related": related,
                 "routing_accuracy": {"repro": accuracy}, "settings": asdict(settings),
                 "seconds": round(time.perf_counter() - start, 1)}
 
@@ -410,21 +418,7 @@ def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[s
     growth.append(dict(experts=with_distractors, scores=bench.scores(
         bench.routing_id(with_distractors),
         lambda: bench.library(with_distractors), everything)))
-    recommended_rule = RULES[RECOMMENDED]
-    distractor = {"without": methods[RECOMMENDED], "with": bench.scores(
-        bench.routing_id(with_distractors, recommended_rule),
-        lambda: bench.routed_library(with_distractors, recommended_rule), everything)}
-    # cross-modal (or cross-task) transfer: the library with and without each task's related expert
-    related = {}
-    for task, partner in settings.related:
-        without = [t for t in tasks if t != partner]
-        related[f"{task} without {partner}"] = {
-            "with": methods[RECOMMENDED][task], "routing_with": methods["routing"][task],
-            "without": bench.scores(bench.routing_id(without, recommended_rule),
-                                    lambda without=without: bench.routed_library(without, recommended_rule),
-                                    [task])[task],
-            "routing_without": bench.scores(bench.routing_id(without), lambda without=without: bench.library(without),
-                                            [task])[task]}
+    distractor, related = distractor_and_related(bench, canonical, methods, everything)
     heatmap = RESULTS / f"{run_name}_routing.png"
     library = routed(RULES["routing"])
     plot_routing({t: routing_shares(library, bench.tokenizer, bench.tasks[t].test[:8]) for t in tasks}, heatmap,
@@ -432,8 +426,8 @@ def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[s
 
     zero = [methods["zero_shot"][t] for t in canonical]
     general_nll = {method: scores.pop(NLL) for method, scores in methods.items() if NLL in scores}
-    for scores in [distractor["with"], distractor["without"]] + [step["scores"] for step in growth]:
-        scores.pop(NLL, None)
+    for step in growth:
+        step["scores"].pop(NLL, None)
     results = {
         "tasks": tasks, "general": list(settings.probes), "methods": methods,
         "recommended": RECOMMENDED, "test_examples": {t: len(bench.tasks[t].test) for t in tasks},
@@ -452,6 +446,29 @@ def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[s
         "seconds": round(time.perf_counter() - start, 1),
     }
     return results
+
+
+def distractor_and_related(bench: Bench, tasks: list[str], methods: dict[str, dict[str, float]], everything):
+    """The recommended router with the distractor expert added, and each task's score without its related expert
+    (cross-modal / cross-task transfer), the paper's token rule beside it."""
+    with_distractors = list(tasks) + list(bench.settings.distractors)
+    recommended_rule = RULES[RECOMMENDED]
+    distractor = {"without": dict(methods[RECOMMENDED]), "with": bench.scores(
+        bench.routing_id(with_distractors, recommended_rule),
+        lambda: bench.routed_library(with_distractors, recommended_rule), everything)}
+    related = {}
+    for task, partner in bench.settings.related:
+        without = [t for t in tasks if t != partner]
+        related[f"{task} without {partner}"] = {
+            "with": methods[RECOMMENDED][task], "routing_with": methods["routing"][task],
+            "without": bench.scores(bench.routing_id(without, recommended_rule),
+                                    lambda without=without: bench.routed_library(without, recommended_rule),
+                                    [task])[task],
+            "routing_without": bench.scores(bench.routing_id(without), lambda without=without: bench.library(without),
+                                            [task])[task]}
+    for scores in distractor.values():
+        scores.pop(NLL, None)
+    return distractor, related
 
 
 def task_orders(tasks: list[str], expert_scores: dict[str, float], settings: Settings) -> dict[str, list[str]]:
@@ -565,6 +582,16 @@ def two_pass_scores(bench: Bench, method: str, tasks: list[str], model, choices)
     return scores, 100.0 * routed_right / total
 
 
+def print_distractor_and_related(results: dict[str, Any]) -> None:
+    """How the distractor and the related experts move the recommended router's tasks."""
+    with_d, without_d = results["distractor"]["with"], results["distractor"]["without"]
+    print(f"\n{RECOMMENDED} with the distractor: " + ", ".join(
+        f"{item} {without_d[item]:.1f} -> {with_d[item]:.1f}" for item in with_d))
+    for name, value in results["related"].items():
+        print(f"{name}: {RECOMMENDED} {value['with']:.1f} -> {value['without']:.1f}; "
+              f"routing {value['routing_with']:.1f} -> {value['routing_without']:.1f}")
+
+
 def _say(message: str) -> None:
     print(f"[continual] {message}", flush=True)
 
@@ -585,6 +612,7 @@ def main() -> None:
     write_json_atomic(RESULTS / f"{name}.json", results)
     print(method_table(results))
     if args.routers_only:
+        print_distractor_and_related(results)
         return
     print()
     print(order_table(results["orders"]))

@@ -231,6 +231,9 @@ ROUTER_RULES = {  # the prototype routers against the token rule, top-2; floors 
     "prototype": dict(router="prototype", fallback="base"),
     "token+prototype": dict(router="token+prototype", prototype_candidates=2, fallback="base"),
     "token+prototype,prior": dict(router="token+prototype", prototype_prior=1.0),
+    "prototype,prompt": dict(router="prototype", fallback="base", prototype_pooling="prompt"),
+    "token+prototype,prompt": dict(router="token+prototype", prototype_candidates=2, fallback="base",
+                                   prototype_pooling="prompt"),
 }
 
 
@@ -243,7 +246,7 @@ def routers(setup: Setup) -> dict:
         _random_prototypes(model)
         for label, rule in ROUTER_RULES.items():
             full = dict(top_k=2, router="token", prototype_candidates=1, prototype_margin=0.0, prototype_prior=0.0,
-                        fallback="none") | rule
+                        fallback="none", prototype_pooling="prefix") | rule
 
             def prepare(model=model, full=full):
                 model.set_phase("route", **full)
@@ -520,10 +523,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda text: tuple(int(n) for n in text.split(",")), default=None,
                         help="library sizes N, comma-separated (default 1,8,64,256)")
     parser.add_argument("--parts", default=",".join(ALL_PARTS), help="which parts to run, comma-separated")
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats of each system (default 7)")
     args = parser.parse_args()
     setup = replace(QUICK if args.quick else Setup(), device=args.device, dtype=args.dtype, batch=args.batch)
     if args.sizes:
         setup = replace(setup, library_sizes=args.sizes)
+    if args.reps:
+        setup = replace(setup, reps=args.reps)
     if args.memory_of:
         return _memory_child(args.memory_of, setup)
     if setup.device == "cpu":
