@@ -314,7 +314,8 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------------- the methods
-def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[str, Any]:
+def run(settings: Settings, run_name: str, routers_only: bool = False,
+        rules: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     bench = Bench(settings, Store(CACHE))
     tasks, everything = list(settings.tasks), list(settings.tasks) + list(settings.probes)
@@ -346,6 +347,8 @@ def run(settings: Settings, run_name: str, routers_only: bool = False) -> dict[s
     by_position: dict[str, dict[str, dict[str, float]]] = {}
     image_token = getattr(bench.base.config, "image_token_id", getattr(bench.base.config, "image_token_index", None))
     for method, rule in RULES.items():
+        if rules is not None and method not in rules:
+            continue
         model_id = bench.routing_id(tasks, rule)
         methods[method] = bench.scores(model_id, lambda rule=rule: routed(rule), everything)
         cost[method] = dict(s=expert_seconds, n=expert_examples, passes=1)
@@ -602,12 +605,19 @@ def main() -> None:
     parser.add_argument("--multimodal", action="store_true", help="the LLaVA-style half (image tasks)")
     parser.add_argument("--routers-only", action="store_true",
                         help="only the routing rules beside zero-shot, the oracle and REPRO (-> *_routers.json)")
+    parser.add_argument("--rules", type=lambda text: text.split(","), default=None,
+                        help=f"only these routing rules, comma-separated (always with routing and {RECOMMENDED})")
     args = parser.parse_args()
+    if args.rules is not None:
+        unknown = sorted(set(args.rules) - set(RULES))
+        if unknown:
+            parser.error(f"unknown rules {unknown}; choose among {sorted(RULES)}")
+        args.rules = sorted(set(args.rules) | {"routing", RECOMMENDED}, key=list(RULES).index)
     settings, name = (QUICK, "continual_quick") if args.quick else (Settings(), "continual")
     if args.multimodal:
         settings, name = replace(settings, **MULTIMODAL_CHANGES), name.replace("continual", "continual_multimodal")
     torch.manual_seed(settings.seed)
-    results = run(settings, name, routers_only=args.routers_only)
+    results = run(settings, name, routers_only=args.routers_only, rules=args.rules)
     name += "_routers" if args.routers_only else ""
     write_json_atomic(RESULTS / f"{name}.json", results)
     print(method_table(results))
