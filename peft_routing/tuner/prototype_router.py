@@ -138,7 +138,7 @@ class PrototypeRouter:
         batch, width = hidden.shape[:2]
         mask, state = self._chunk_mask(batch, width), self._prefix_state()
         if self.settings.prototype_pooling == "prompt":
-            pooled, state = prompt_mean(hidden, self._only_prompt(mask, batch, width, state), state)
+            pooled, state = prompt_mean(hidden, self._only_prompt(mask, hidden, state), state)
         else:
             pooled, state = causal_mean(hidden, mask, state)
         cosines = similarities(pooled.reshape(batch * width, -1), self.prototypes.to(hidden.device))
@@ -160,16 +160,16 @@ class PrototypeRouter:
                                         f"tokenizer gives; got shape {tuple(mask.shape)}.")
         return mask[:, -width:].bool()
 
-    def _only_prompt(self, mask: torch.Tensor | None, batch: int, width: int,
+    def _only_prompt(self, mask: torch.Tensor | None, hidden: torch.Tensor,
                      state: PrefixState | None) -> torch.Tensor | None:
         """The chunk's mask narrowed to the prompt positions ``prompt_mask`` marks, for a chunk that is a prompt."""
         prompt = self.prompt_mask
         if prompt is None or state is not None:
             return mask
-        if prompt.shape != (batch, width):
+        if prompt.shape != hidden.shape[:2]:
             raise PrototypeRoutingError(f"prompt_positions got a mask of shape {tuple(prompt.shape)} for an input "
-                                        f"of shape {(batch, width)}; give one flag per input position.")
-        prompt = prompt.bool().to(self.prototypes.device if mask is None else mask.device)
+                                        f"of shape {tuple(hidden.shape[:2])}; give one flag per input position.")
+        prompt = prompt.bool().to(hidden.device)
         return prompt if mask is None else mask & prompt
 
     def _prefix_state(self) -> PrefixState | None:
