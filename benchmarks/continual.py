@@ -47,7 +47,7 @@ from continual_report import cost_table, growth_table, method_table, order_table
 from peft import PeftModel, get_peft_model  # noqa: E402
 
 import peft_routing  # noqa: E402,F401
-from peft_routing import LLAMA_PROJECTIONS, RoutingLoraConfig  # noqa: E402
+from peft_routing import LLAMA_PROJECTIONS, RoutingLoraConfig, RoutingSettings  # noqa: E402
 from peft_routing.demo.base_models import load_base_model  # noqa: E402
 from peft_routing.demo.image_tasks import caption_questions  # noqa: E402
 from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
@@ -101,9 +101,9 @@ MULTIMODAL_CHANGES = dict(tasks=("color", "count", "count_text", "dates"), base=
                           probes=("general", "captions"), related=(("count", "count_text"),))
 NLL = "general_nll"
 
-# Every rule of the route phase compared, as complete set_phase("route", ...) keyword sets.
-TOKEN_RULE = dict(top_k=1, score_norm="none", router="token", prototype_candidates=1, prototype_margin=0.0,
-                  prototype_prior=0.0, fallback="none", prototype_pooling="prefix")
+# Every rule of the route phase compared, as complete set_phase("route", ...) keyword sets: each rule's changes to
+# the default rule (the paper's token top-1).
+TOKEN_RULE = asdict(RoutingSettings())
 TOKEN_ROUTERS = {"routing": dict(top_k=1, score_norm="none"), "routing_top2": dict(top_k=2, score_norm="none"),
                  "routing_standardize": dict(top_k=1, score_norm="standardize"),
                  "routing_top2_standardize": dict(top_k=2, score_norm="standardize")}

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -245,8 +245,7 @@ def routers(setup: Setup) -> dict:
         model = built(f"ours:N={n},k=2", setup)
         _random_prototypes(model)
         for label, rule in ROUTER_RULES.items():
-            full = dict(top_k=2, router="token", prototype_candidates=1, prototype_margin=0.0, prototype_prior=0.0,
-                        fallback="none", prototype_pooling="prefix") | rule
+            full = asdict(RoutingSettings(top_k=2)) | rule
 
             def prepare(model=model, full=full):
                 model.set_phase("route", **full)

@@ -38,7 +38,7 @@ def check_routing_fields(top_k: int, temperature: float, score_norm: str, mixing
 
 
 def check_prototype_fields(router: str, prototype_candidates: int, prototype_margin: float, prototype_prior: float,
-                           fallback: str, prototype_pooling: str = "prefix") -> None:
+                           fallback: str, prototype_pooling: str) -> None:
     """Raise a ValueError naming the first invalid prototype-routing setting (``RoutingSettings`` has their meaning).
 
     Args:

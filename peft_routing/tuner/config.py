@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from peft import LoraConfig
 
-from ..ops.settings import RoutingSettings, check_prototype_fields, check_routing_fields
+from ..ops.settings import RoutingSettings
 from .peft_type import routing_lora_peft_type
 from .prototype import read_prototype_vector
 
@@ -85,9 +85,7 @@ class RoutingLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = routing_lora_peft_type()
-        check_routing_fields(self.top_k, self.temperature, self.score_norm, self.mixing)
-        check_prototype_fields(self.router, self.prototype_candidates, self.prototype_margin, self.prototype_prior,
-                               self.fallback, self.prototype_pooling)
+        self.routing_settings()  # validates every routing field, with RoutingSettings' messages
         # the prototype's vector, read with the config (from_pretrained) and never written into adapter_config.json
         self.prototype_vector = getattr(self, "prototype_vector", None)
         for option in _UNSUPPORTED_LORA_OPTIONS:
