@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from functools import cached_property
+from types import MappingProxyType
 
 SCORE_NORMS = ("none", "standardize")
 MIXINGS = ("softmax", "sigmoid")
@@ -13,7 +14,7 @@ FALLBACKS = ("none", "base")
 POOLINGS = ("prefix", "prompt")
 # The one-pass router benchmarks/continual.py recommends (set_phase("route", **RECOMMENDED_ROUTER)); it needs every
 # expert to carry a task prototype, so the default stays the paper's token rule, which any library can run.
-RECOMMENDED_ROUTER = dict(router="prototype", prototype_pooling="prompt", fallback="base")
+RECOMMENDED_ROUTER = MappingProxyType(dict(router="prototype", prototype_pooling="prompt", fallback="base"))
 
 
 def check_routing_fields(top_k: int, temperature: float, score_norm: str, mixing: str) -> None:
