@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from testing_utils import expert_config, make_base, make_library, token_batch
 
 from peft_routing import ExpertMismatchError
+from peft_routing.tuner.expert_folder import read_expert_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +176,8 @@ def _wrong_shape(tensors):
 
 
 def _unknown_module(tensors):
-    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    for kind, shape in (("lora_A.weight", (4, 32)), ("lora_B.weight", (32, 4)), ("lora_route", (32,))):
+        tensors[f"base_model.model.model.layers.9.self_attn.q_proj.{kind}"] = torch.zeros(shape)
 
 
 def _missing_module(tensors):
@@ -195,7 +197,7 @@ def _non_finite(tensors):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (_wrong_shape, r"lora_A of module 'model.layers.0.self_attn.q_proj' has shape \(4, 31\)"),
+        (_wrong_shape, r"module 'model.layers.0.self_attn.q_proj' have shapes \{'lora_A': \(4, 31\)"),
         (_unknown_module, "adapts module\\(s\\) this model does not have"),
         (_missing_module, "missing weights for adapted module"),
         (_no_routes, "has no routing vector"),
@@ -205,11 +207,20 @@ def _non_finite(tensors):
 def test_bad_expert_files_are_refused_before_anything_changes(tmp_path, edit, message):
     model, folder = _library_and_expert(tmp_path)
     _edit_tensors(folder, edit)
+    _edit_config(folder, module_shapes=None)  # as in a plain LoRA folder: the model's own modules decide
     before = _snapshot(model)
     with pytest.raises(ExpertMismatchError, match=message):
         model.add_expert(folder, adapter_name="newcomer")
     assert model.experts == ["expert_0", "expert_1"]
     _assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("edit", [_unknown_module, _missing_module])
+def test_weights_that_disagree_with_the_recorded_shapes_are_refused_without_a_model(tmp_path, edit):
+    _, folder = _library_and_expert(tmp_path)
+    _edit_tensors(folder, edit)
+    with pytest.raises(ExpertMismatchError, match="module_shapes name different modules"):
+        read_expert_folder(folder)
 
 
 def test_hidden_size_mismatch_is_refused(tmp_path):

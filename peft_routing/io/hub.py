@@ -9,6 +9,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
+from .safe_files import UnsafeFileError, checked_relative, confined_file
+
 
 def resolve_expert_folder(
     path_or_repo_id: str | os.PathLike,
@@ -27,9 +29,10 @@ def resolve_expert_folder(
         subfolder: the expert's folder inside the repo or local folder.
         token: a Hub token for private or gated repos.
     """
+    subfolder = checked_relative(subfolder, "subfolder")
     local = Path(path_or_repo_id)
     if local.is_dir():
-        return local / subfolder if subfolder else local
+        return _inside(local, subfolder)
     repo_id = str(path_or_repo_id)
     patterns = [f"{subfolder}/*"] if subfolder else None
     try:
@@ -39,7 +42,17 @@ def resolve_expert_folder(
             f"Could not find expert {repo_id!r}: it is not a local folder, and getting it from the Hub failed "
             f"({type(error).__name__}: {error}). Check the path or repo id, the revision and your network/token."
         ) from error
-    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+    return _inside(Path(snapshot), subfolder)
+
+
+def _inside(folder: Path, subfolder: str | None) -> Path:
+    """``folder/subfolder``, refused when a symlink on the way leads outside ``folder``."""
+    if not subfolder:
+        return folder
+    path = folder / subfolder
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise UnsafeFileError(f"subfolder {subfolder!r} of {folder} leads outside it (through a symlink).")
+    return path
 
 
 def fetch_file(path_or_repo_id: str | os.PathLike, filename: str, subfolder: str | None = None,
@@ -54,17 +67,16 @@ def fetch_file(path_or_repo_id: str | os.PathLike, filename: str, subfolder: str
     """
     if Path(filename).name != filename:
         raise ValueError(f"{filename!r} is not a plain file name.")
+    subfolder = checked_relative(subfolder, "subfolder")
     local = Path(path_or_repo_id)
     if local.is_dir():
-        path = (local / subfolder if subfolder else local) / filename
-        if path.is_symlink() or not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (or is a symlink, which is never followed).")
-        return path
+        return confined_file(_inside(local, subfolder), filename)
     try:
-        return Path(hf_hub_download(str(path_or_repo_id), filename, subfolder=subfolder or None, **hub_kwargs))
+        path = Path(hf_hub_download(str(path_or_repo_id), filename, subfolder=subfolder or None, **hub_kwargs))
     except Exception as error:  # huggingface_hub raises several types (offline, not found, gated, bad id)
         raise FileNotFoundError(f"Could not get {filename} of {path_or_repo_id!r} ({type(error).__name__}: "
                                 f"{error}).") from error
+    return confined_file(path.parent, path.name)
 
 
 def push_folder_to_hub(

@@ -6,30 +6,16 @@ from dataclasses import dataclass, field, fields
 
 from peft import LoraConfig
 
+from ..io.safe_files import read_json_object
 from ..ops.settings import RoutingSettings
+from .config_policy import ExpertConfigError, check_config_fields, neutralise_loaded_fields
+from .expert_weights import fetch_checked_tensors
 from .peft_type import routing_lora_peft_type
 from .prototype import read_prototype_vector
 
 # The attention and MLP projections of Llama-style decoders (Llama, Mistral, Qwen2, SmolLM2 ...): the usual
 # target_modules for adapting every linear layer of the language model.
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# LoRA options whose forward or weights our routed layers do not reproduce; refused at construction rather than
-# silently ignored.
-_UNSUPPORTED_LORA_OPTIONS = (
-    "use_dora",
-    "lora_bias",
-    "use_bdlora",
-    "arrow_config",
-    "alora_invocation_tokens",
-    "velora_config",
-    "monteclora_config",
-    "kasa_config",
-    "target_parameters",
-    "layer_replication",
-    "trainable_token_indices",
-)
-
 
 @dataclass
 class RoutingLoraConfig(LoraConfig):
@@ -83,31 +69,45 @@ class RoutingLoraConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        check_config_fields(self)  # before PEFT's own post-init, which acts on some of these fields
         super().__post_init__()
         self.peft_type = routing_lora_peft_type()
         self.routing_settings()  # validates every routing field, with RoutingSettings' messages
         # the prototype's vector, read with the config (from_pretrained) and never written into adapter_config.json
         self.prototype_vector = getattr(self, "prototype_vector", None)
-        for option in _UNSUPPORTED_LORA_OPTIONS:
-            if getattr(self, option, None):
-                raise ValueError(
-                    f"RoutingLoraConfig does not support `{option}` (got {getattr(self, option)!r}); leave it unset. "
-                    "Routed experts are plain LoRA (A, B, scaling) plus a routing vector."
-                )
+        # set by from_pretrained: the folder's checked weights, which the tuner checks against the model before it
+        # injects anything (PeftModel.from_pretrained / load_adapter); dropped once the expert is in
+        self.loaded_from = getattr(self, "loaded_from", None)
+        self.checked_tensors = getattr(self, "checked_tensors", None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
         """PEFT's loader, plus the prototype vector when the config says the expert has one.
 
         PeftModel.from_pretrained and load_adapter read the config through this, so the prototype arrives by every
-        way an expert is loaded.
+        way an expert is loaded, and the config remembers where it came from, so that the tuner checks the weights
+        there before it injects anything (``RoutingLoraModel.inject_adapter``).
         """
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        where = f"{pretrained_model_name_or_path}/{subfolder + '/' if subfolder else ''}adapter_config.json"
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as error:
+            if str(pretrained_model_name_or_path) in str(error):
+                raise
+            raise ExpertConfigError(f"{where}: {error}") from None
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        hub_kwargs.pop("user_agent", None)
         if config.prototype is not None:
-            hub_kwargs, _, _ = cls._split_kwargs(kwargs)
-            hub_kwargs.pop("user_agent", None)
             config.prototype_vector = read_prototype_vector(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+        config.loaded_from, config.checked_tensors = fetch_checked_tensors(
+            pretrained_model_name_or_path, subfolder, config.module_shapes, **hub_kwargs)
         return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """The config file's fields, read safely (size, symlinks, nesting) and neutralised (``config_policy``)."""
+        known = {f.name for f in fields(cls) if f.init}
+        return neutralise_loaded_fields(read_json_object(path_json_file), str(path_json_file), known)
 
     def routing_settings(self) -> RoutingSettings:
         """The route-phase rule this config describes."""

@@ -18,18 +18,20 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..io.atomic import staged_path
+from ..io.safe_files import MAX_CONFIG_BYTES, confined_file, read_json_object
 from .config import RoutingLoraConfig
-from .prototype import read_prototype_vector, write_prototype
+from .config_policy import ExpertConfigError, neutralise_loaded_fields
+from .expert_tensors import ROUTE_SUFFIX
+from .expert_weights import WEIGHTS_FILE, check_weights, pickle_allowed, read_safetensors, read_weights
+from .prototype import PROTOTYPE_FILE, read_prototype_vector, write_prototype
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 ROUTES_FILE = "routing_vectors.safetensors"
-KEY_PREFIX = "base_model.model."
-ROUTE_SUFFIX = ".lora_route"
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# every file an expert folder may hold; nothing else is read or copied
+EXPERT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ROUTES_FILE, PROTOTYPE_FILE)
 
 _LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
 ROUTING_ONLY_FIELDS = [f.name for f in dataclasses.fields(RoutingLoraConfig) if f.init and f.name not in _LORA_FIELDS]
@@ -42,21 +44,6 @@ class ExpertFiles:
     config: RoutingLoraConfig
     tensors: dict[str, torch.Tensor]
     source: str
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """``base_model.model.<module>.<kind>`` -> (module path, kind in {lora_A, lora_B, lora_route}).
-
-    Args:
-        key: a tensor name of an expert's safetensors file.
-    """
-    body = key.removeprefix(KEY_PREFIX)
-    if body.endswith(ROUTE_SUFFIX):
-        return body[: -len(ROUTE_SUFFIX)], "lora_route"
-    for suffix in LORA_SUFFIXES:
-        if body.endswith(suffix):
-            return body[: -len(suffix)], suffix.split(".")[1]
-    raise ValueError(f"unexpected tensor {key!r}")
 
 
 def to_plain_lora_config(config: RoutingLoraConfig) -> LoraConfig:
@@ -117,46 +104,60 @@ def _write_files(folder: Path, config: RoutingLoraConfig, tensors: dict[str, tor
         write_prototype(folder, config.prototype_vector)
 
 
-def read_expert_folder(folder: str | os.PathLike) -> ExpertFiles:
-    """Read an expert folder (ours or a plain PEFT LoRA one), refusing pickled weights.
+def read_expert_folder(folder: str | os.PathLike, *, allow_pickle: bool = False) -> ExpertFiles:
+    """Read and check an expert folder (ours or a plain PEFT LoRA one) without any model.
+
+    Every check that needs no model runs here (``config_policy`` on the config, ``expert_tensors`` on the
+    weights); files are read through ``io.safe_files`` (no symlinks, sizes capped).
 
     Args:
         folder: a local expert folder.
+        allow_pickle: also read ``adapter_model.bin`` (torch's restricted ``weights_only`` unpickler) when the
+            folder has no safetensors file. Off by default: a pickle from a stranger is code.
     """
     path = Path(folder)
-    if not (path / CONFIG_FILE).is_file():
+    if not (path / CONFIG_FILE).exists() and not (path / CONFIG_FILE).is_symlink():
         raise FileNotFoundError(f"{path} is not an expert folder: it has no {CONFIG_FILE}.")
-    if not (path / WEIGHTS_FILE).is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise ValueError(
-                f"{path} holds adapter_model.bin (a pickle file, which can run code when loaded); peft-routing only "
-                "reads adapter_model.safetensors. Convert it with safetensors, or re-save it with PEFT."
-            )
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}.")
-    peft_type = json.loads((path / CONFIG_FILE).read_text()).get("peft_type")
-    tensors = load_file(path / WEIGHTS_FILE)
+    raw = read_json_object(confined_file(path, CONFIG_FILE, MAX_CONFIG_BYTES))
+    peft_type = raw.get("peft_type")
     if peft_type == "ROUTING_LORA":
-        config = RoutingLoraConfig.from_pretrained(str(path))
-    elif peft_type == "LORA":
-        config, routes = _read_plain_lora(path)
-        tensors.update(routes)
-    else:
-        raise ValueError(f"{path}/{CONFIG_FILE} has peft_type {peft_type!r}; expected 'ROUTING_LORA' or 'LORA'.")
+        with pickle_allowed(allow_pickle):
+            config = RoutingLoraConfig.from_pretrained(str(path))  # reads and checks the weights too
+        tensors, config.checked_tensors = config.checked_tensors, None
+        return ExpertFiles(config=config, tensors=tensors, source=str(path))
+    if peft_type != "LORA":
+        raise ExpertConfigError(f"{path}/{CONFIG_FILE} has peft_type {peft_type!r}; expected 'ROUTING_LORA' or "
+                                "'LORA'.")
+    tensors = read_weights(path, allow_pickle)
+    config, routes = _read_plain_lora(path, raw)
+    tensors.update(routes)
+    check_weights(tensors, config.module_shapes, str(path))
     return ExpertFiles(config=config, tensors=tensors, source=str(path))
 
 
-def _read_plain_lora(path: Path) -> tuple[RoutingLoraConfig, dict[str, torch.Tensor]]:
+def _read_plain_lora(path: Path, raw: dict) -> tuple[RoutingLoraConfig, dict[str, torch.Tensor]]:
     """A stock LoRA folder as a routing expert; its side file, if any, restores vectors and routing fields."""
-    lora = LoraConfig.from_pretrained(str(path))
-    values = {name: getattr(lora, name) for name in _LORA_FIELDS if name not in ("peft_type",)}
+    where = f"{path}/{CONFIG_FILE}"
+    values = neutralise_loaded_fields(raw, where, _LORA_FIELDS)
+    values.pop("peft_type", None)
     routes: dict[str, torch.Tensor] = {}
-    side_file = path / ROUTES_FILE
-    if side_file.is_file():
+    if (path / ROUTES_FILE).exists() or (path / ROUTES_FILE).is_symlink():
+        side_file = confined_file(path, ROUTES_FILE)
+        routes = read_safetensors(side_file)
         with safe_open(str(side_file), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        routes = load_file(side_file)
-        values.update(json.loads(metadata.get("routing_fields", "{}")))
-    config = RoutingLoraConfig(**values)
+        try:
+            routing = json.loads(metadata.get("routing_fields", "{}"))
+        except (json.JSONDecodeError, RecursionError):
+            raise ExpertConfigError(f"{side_file}: its routing_fields metadata is not valid JSON.") from None
+        if not isinstance(routing, dict) or not set(routing) <= set(ROUTING_ONLY_FIELDS):
+            raise ExpertConfigError(f"{side_file}: its routing_fields metadata may only hold routing fields "
+                                    f"({ROUTING_ONLY_FIELDS}).")
+        values.update(routing)
+    try:
+        config = RoutingLoraConfig(**values)
+    except (ValueError, TypeError) as error:
+        raise ExpertConfigError(f"{where}: {error}") from None
     if config.prototype is not None:
         config.prototype_vector = read_prototype_vector(path)
     return config, routes

@@ -13,13 +13,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import RoutingLoraConfig
-from .expert_folder import ExpertFiles, split_key
+from .expert_folder import ExpertFiles
+from .expert_tensors import ExpertMismatchError, group_expert_tensors
 
 ADAPTABLE_TYPES = (nn.Linear, Conv1D)
-
-
-class ExpertMismatchError(ValueError):
-    """An expert's files do not fit the model they are being added to."""
+__all__ = ["ExpertMismatchError", "plan_expert_load"]
 
 
 def text_config_value(model: nn.Module, name: str) -> int | None:
@@ -97,7 +95,7 @@ def plan_expert_load(
     _check_model_identity(model, config, where)
     modules = adaptable_modules(model)
     targeted = {path for path in modules if is_targeted(config, path)}
-    grouped = _group_tensors(files.tensors, where)
+    grouped = group_expert_tensors(files.tensors, where)
     unknown = sorted(set(grouped) - set(modules))
     if unknown:
         raise ExpertMismatchError(
@@ -144,22 +142,6 @@ def _check_model_identity(model: nn.Module, config: RoutingLoraConfig, where: st
         )
 
 
-def _group_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        try:
-            path, kind = split_key(key)
-        except ValueError:
-            raise ExpertMismatchError(
-                f"Expert {where} holds tensor {key!r}, which is not a LoRA A/B weight or a routing vector "
-                "(DoRA, biases and embeddings are not supported by routed experts)."
-            ) from None
-        if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
-            raise ExpertMismatchError(f"Expert {where}: tensor {key!r} is not a finite floating-point tensor.")
-        grouped.setdefault(path, {})[kind] = tensor
-    return grouped
-
-
 def _check_module_tensors(
     path: str,
     found: dict[str, torch.Tensor],
@@ -190,3 +172,7 @@ def _check_module_tensors(
             )
     if math.prod(found["lora_A"].shape) == 0:
         raise ExpertMismatchError(f"Expert {where}: module {path!r} has an empty LoRA weight.")
+    dtype = base.weight.dtype
+    if dtype.is_floating_point and not all(torch.isfinite(found[k].to(dtype)).all() for k in expected):
+        raise ExpertMismatchError(f"Expert {where}: a tensor of module {path!r} does not fit in this model's {dtype} "
+                                  "(it would become inf).")

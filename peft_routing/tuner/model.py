@@ -13,8 +13,9 @@ Quantized base layers (bitsandbytes, GPTQ, ...) are not supported yet: the dispa
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -29,9 +30,11 @@ from ..io.hub import push_folder_to_hub, resolve_expert_folder
 from ..ops.dispatch import STRATEGIES
 from ..ops.settings import RoutingSettings
 from .config import RoutingLoraConfig
-from .expert_folder import KEY_PREFIX, ROUTE_SUFFIX, read_expert_folder, write_expert_folder
+from .expert_folder import ExpertFiles, read_expert_folder, write_expert_folder
+from .expert_tensors import KEY_PREFIX, ROUTE_SUFFIX
 from .fit import plan_expert_load, text_hidden_size, text_num_blocks
 from .layer import PHASES, RoutingLinear
+from .library_lock import LibraryLock
 from .names import check_expert_name
 from .prototype import Prototype, check_prototype_fits, prototype_from
 from .prototype_router import PrototypeRouter
@@ -59,6 +62,17 @@ class ExpertConfigs(dict):
         raise KeyError(name)
 
 
+def _changes_library(method: Callable) -> Callable:
+    """Run ``method`` alone, with no forward running (``library_lock``'s contract)."""
+
+    @functools.wraps(method)
+    def changing(self, *args, **kwargs):
+        with self.library_lock.changing():
+            return method(self, *args, **kwargs)
+
+    return changing
+
+
 class RoutingLoraModel(LoraModel):
     """PEFT tuner for routed LoRA experts; see the module docstring."""
 
@@ -72,9 +86,20 @@ class RoutingLoraModel(LoraModel):
     _prototype_router: PrototypeRouter | None = None
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        object.__setattr__(self, "library_lock", LibraryLock())  # before PEFT's __init__ injects the first expert
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.peft_config = ExpertConfigs(self.peft_config)
         self.model.peft_config = self.peft_config
+
+    def forward(self, *args, **kwargs):
+        """The model's forward, with the library held unchanged (``library_lock``)."""
+        with self.library_lock.reading():
+            return super().forward(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The model's ``generate``, with the library held unchanged for the whole call (every step routes alike)."""
+        with self.library_lock.reading():
+            return self.model.generate(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------- PEFT hooks
     @staticmethod
@@ -96,14 +121,35 @@ class RoutingLoraModel(LoraModel):
             return False
         return check_target_module_exists(peft_config, key)
 
+    @_changes_library
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, after every check of the expert (every way an expert arrives comes through here).
+
+        A config read by ``RoutingLoraConfig.from_pretrained`` (``PeftModel.from_pretrained``, ``load_adapter``)
+        carries the folder's checked weights; they are checked against this model before anything is injected. If
+        injection fails half-way, every layer it wrapped is put back, so the base model is as it was.
+        """
         others = [name for name in self.peft_config if name != adapter_name]
         check_expert_name(adapter_name, model, others)
-        if adapter_name in self.peft_config:  # every way an expert arrives comes through here
-            _check_prototype(self.peft_config[adapter_name], model, f"expert {adapter_name!r}")
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config.get(adapter_name)
+        if config is not None:
+            if not isinstance(config, RoutingLoraConfig):
+                raise ValueError(
+                    f"Adapter {adapter_name!r} has a {type(config).__name__}; a routed model holds routed experts "
+                    "only. Add a plain LoRA folder with model.add_expert(path, allow_missing_routes=True).")
+            _check_prototype(config, model, f"expert {adapter_name!r}")
+            tensors, config.checked_tensors = config.checked_tensors, None
+            if tensors is not None:
+                files = ExpertFiles(config, tensors, config.loaded_from or f"expert {adapter_name!r}")
+                plan_expert_load(model, files, self._check_target_module_exists, allow_missing_routes=False)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            _undo_injection(model, adapter_name)
+            raise
         self._apply_phase(library_changed=True)
 
+    @_changes_library
     def delete_adapter(self, adapter_name: str) -> None:
         was_phase_expert = self.phase[1] == adapter_name
         super().delete_adapter(adapter_name)
@@ -132,6 +178,7 @@ class RoutingLoraModel(LoraModel):
             return self._routing_phase, None
         return self._routing_phase, self.active_adapters[0]
 
+    @_changes_library
     def set_phase(
         self,
         phase: str,
@@ -187,6 +234,7 @@ class RoutingLoraModel(LoraModel):
         self._routing_phase, self._train_phase = phase, phase != "route"
         self._apply_phase()
 
+    @_changes_library
     def set_routing_strategy(self, strategy: str) -> None:
         """Force how the route phase computes; for testing and benchmarking, as every strategy gives the same result
         up to float rounding.
@@ -201,6 +249,7 @@ class RoutingLoraModel(LoraModel):
         for layer in self.routing_layers():
             layer.routing_strategy = strategy
 
+    @_changes_library
     def set_adapter(self, *args, **kwargs):
         """PEFT's set_adapter (which changes requires_grad flags behind our back)."""
         self._grads_applied = None
@@ -281,6 +330,7 @@ class RoutingLoraModel(LoraModel):
         config = self.peft_config[name]
         return prototype_from(config.prototype, getattr(config, "prototype_vector", None), f"expert {name!r}")
 
+    @_changes_library
     def set_prototype(self, name: str, prototype: Prototype) -> None:
         """Give an expert its task prototype (``peft_routing.compute_prototype`` computes one from task data).
 
@@ -316,6 +366,7 @@ class RoutingLoraModel(LoraModel):
         return inside_parent and not (key == language_model or key.startswith(language_model + "."))
 
     # ------------------------------------------------------------------------------------------------ expert verbs
+    @_changes_library
     def add_expert(
         self,
         path_or_repo_id: str | os.PathLike,
@@ -325,6 +376,7 @@ class RoutingLoraModel(LoraModel):
         *,
         allow_missing_routes: bool = False,
         token: str | None = None,
+        allow_pickle: bool = False,
     ) -> str:
         """Add an expert from a local folder or a Hub repo; returns its name.
 
@@ -338,9 +390,10 @@ class RoutingLoraModel(LoraModel):
             subfolder: the expert's folder inside the repo or local folder.
             allow_missing_routes: accept a plain LoRA folder; its routing vectors start at zero.
             token: a Hub token for private or gated repos.
+            allow_pickle: read ``adapter_model.bin`` when there is no safetensors file (only from people you trust).
         """
         folder = resolve_expert_folder(path_or_repo_id, revision=revision, subfolder=subfolder, token=token)
-        files = read_expert_folder(folder)
+        files = read_expert_folder(folder, allow_pickle=allow_pickle)
         name = adapter_name or files.config.expert_name or _default_name(path_or_repo_id, subfolder)
         check_expert_name(name, self.model, self.experts)
         plan = plan_expert_load(self.model, files, self._check_target_module_exists, allow_missing_routes)
@@ -368,6 +421,7 @@ class RoutingLoraModel(LoraModel):
                 layer.lora_B[name].weight.copy_(tensors["lora_B"])
                 layer.lora_route[name].copy_(tensors["lora_route"])
 
+    @_changes_library
     def remove_expert(self, name: str) -> None:
         """Remove an expert from the library (its files on disk are untouched).
 
@@ -464,6 +518,18 @@ class RoutingLoraModel(LoraModel):
             path_in_repo=subfolder,
             commit_message=commit_message or f"Upload routed LoRA expert {name!r}",
         )
+
+
+def _undo_injection(model: nn.Module, name: str) -> None:
+    """Take ``name`` out of every routed layer; a layer left with no expert is replaced by its base layer."""
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, RoutingLinear) or name not in module.lora_A:
+            continue
+        if len(module.lora_A) > 1:
+            module.delete_adapter(name)
+            continue
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, module.get_base_layer())
 
 
 def _check_prototype(config: RoutingLoraConfig, model: nn.Module, where: str) -> None:

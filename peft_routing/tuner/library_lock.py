@@ -1,0 +1,74 @@
+"""The concurrency contract of a routed model: forwards share the library, changes to it are exclusive.
+
+Any number of threads may run forwards (and ``generate``) at once; ``add_expert``, ``remove_expert``, ``set_phase``,
+``set_prototype`` and PEFT's adapter verbs wait until the running forwards finish, and forwards that start meanwhile
+wait for the change. So a forward (a whole ``generate`` call too) sees the library before or after a change, never
+a mix. Both sides are re-entrant in one thread (a change may run a forward; a forward inside ``generate``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class LibraryLock:
+    """A re-entrant readers-writer lock that lets a waiting writer in before new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers: dict[int, int] = {}  # thread id -> re-entrant depth
+        self._writer: int | None = None
+        self._writer_depth = 0
+        self._writers_waiting = 0
+
+    def __deepcopy__(self, memo) -> LibraryLock:
+        return LibraryLock()  # a copied model is another model, with its own lock
+
+    def __reduce__(self):
+        return LibraryLock, ()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the library unchanged for the block (a forward)."""
+        me = threading.get_ident()
+        with self._condition:
+            if self._writer != me and me not in self._readers:
+                while self._writer is not None or self._writers_waiting:
+                    self._condition.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                    self._condition.notify_all()
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        """Change the library in the block, alone."""
+        me = threading.get_ident()
+        with self._condition:
+            if self._writer != me:
+                if me in self._readers:
+                    raise RuntimeError("The expert library cannot change inside a forward of the same model (a hook "
+                                       "or callback called add_expert/remove_expert/set_phase); do it after.")
+                self._writers_waiting += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._condition.wait()
+                finally:
+                    self._writers_waiting -= 1
+                self._writer = me
+            self._writer_depth += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer_depth -= 1
+                if not self._writer_depth:
+                    self._writer = None
+                    self._condition.notify_all()
