@@ -26,6 +26,8 @@ PEFT adapter folder in a library directory; at inference every token is routed t
   peft-routing inspect --library lib --data sentiment_test.jsonl --out routing.png
   peft-routing push --library lib --expert sentiment --repo you/sentiment-expert
   peft-routing pull --library lib --repo you/sentiment-expert
+  peft-routing remove --library lib --expert sentiment
+  peft-routing repair --library lib                     # finish what an interrupted learn/pull/remove left
 
 Data files are JSONL, one example per line: {"prompt": ..., "response": ...} or {"messages": [{"role", "content"},
 ...]} (the last message is the answer), with optional "image"/"images" (paths relative to the file) for
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
+    except (ValueError, OSError, TypeError) as error:
         print(f"peft-routing {args.command}: error: {error}", file=sys.stderr)
         return 1
 
@@ -146,11 +148,10 @@ def _run_learn(args) -> int:
     from .demo.base_models import load_base_model
     from .tuner.config import RoutingLoraConfig
     from .workflow.data import load_examples
-    from .workflow.library import ExpertLibrary
     from .workflow.training import learn_task
 
     examples = load_examples(args.data)  # a bad line fails before anything is created or loaded
-    library = ExpertLibrary.open_or_create(args.library, args.base)
+    library = open_library(args.library, args.base, create=True)
     library.check_new_name(args.name)
     base, processor = load_base_model(library.base_model)
     if library.names:
@@ -195,9 +196,8 @@ def _drop_none(**values):
 def load_for_inference(args: argparse.Namespace):
     """(the library's model in the route phase by the routing options, or one expert; its processor)."""
     from .demo.base_models import load_base_model
-    from .workflow.library import ExpertLibrary
 
-    library = ExpertLibrary.open(args.library)
+    library = open_library(args.library)
     base, processor = load_base_model(library.base_model)
     model = library.load_model(base)
     if getattr(args, "expert", None):
@@ -317,13 +317,11 @@ def _push_parser(commands) -> None:
 
 
 def _run_push(args) -> int:
-    import shutil
-
     from .io.hub import push_folder_to_hub
-    from .workflow.library import ExpertLibrary
+    from .workflow.library import copy_expert_files
 
-    folder = ExpertLibrary.open(args.library).expert_dir(args.expert)
-    push_folder_to_hub(lambda target: shutil.copytree(folder, target), args.repo, private=args.private or None,
+    folder = open_library(args.library).expert_dir(args.expert)
+    push_folder_to_hub(lambda target: copy_expert_files(folder, target), args.repo, private=args.private or None,
                        token=args.token, commit_message=f"Upload routed LoRA expert {args.expert}")
     print(f"pushed {args.expert!r} to {args.repo}")
     return 0
@@ -344,13 +342,62 @@ def _pull_parser(commands) -> None:
 
 def _run_pull(args) -> int:
     from .io.hub import resolve_expert_folder
-    from .workflow.library import ExpertLibrary
 
-    library = ExpertLibrary.open(args.library)
+    library = open_library(args.library)
     folder = resolve_expert_folder(args.repo, revision=args.revision, subfolder=args.subfolder, token=args.token)
     name = library.add_from_folder(folder, args.name)
     print(f"added {name!r} from {args.repo}; the library has {library.names}")
     return 0
+
+
+def _remove_parser(commands) -> None:
+    parser = _command(commands, "remove", "remove an expert from the library (its folder is deleted)", """\
+        Remove an expert: it leaves the index and its folder is deleted. Safe to interrupt: the expert is then either
+        still in the library or gone, never half-removed.
+        """, _run_remove)
+    _library_option(parser)
+    parser.add_argument("--expert", required=True)
+
+
+def _run_remove(args) -> int:
+    library = open_library(args.library)
+    library.remove(args.expert)
+    print(f"removed {args.expert!r}; the library has {library.names}")
+    return 0
+
+
+def _repair_parser(commands) -> None:
+    parser = _command(commands, "repair", "finish what an interrupted learn, pull or remove left in the library", """\
+        Delete staging leftovers, finish or undo interrupted removals and overwrites, add to the index a complete
+        expert whose install was interrupted, and move anything else the index does not list to lost+found/. Every
+        command that opens the library does this first; this command says what it did.
+        """, _run_repair)
+    _library_option(parser)
+
+
+def _run_repair(args) -> int:
+    from .workflow.library import ExpertLibrary
+
+    library = ExpertLibrary.open(args.library)
+    done = library.repaired or library.repair()
+    print("\n".join(done) if done else f"nothing to repair; the library has {library.names}")
+    return 0
+
+
+def open_library(root: Path, base_model: str | None = None, create: bool = False):
+    """The library at ``root`` (created for ``base_model`` when ``create``), saying what opening it repaired.
+
+    Args:
+        root: the library directory.
+        base_model: the base model a new library is for.
+        create: create the library if there is none.
+    """
+    from .workflow.library import ExpertLibrary
+
+    library = ExpertLibrary.open_or_create(root, base_model) if create else ExpertLibrary.open(root)
+    for line in library.repaired:
+        print(f"peft-routing: repaired {root}: {line}", file=sys.stderr)
+    return library
 
 
 # ---------------------------------------------------------------------------------------------------------- demo
@@ -374,7 +421,7 @@ def _run_demo(args) -> int:
 
 
 _COMMAND_PARSERS = (_learn_parser, _generate_parser, _eval_parser, _inspect_parser, _push_parser, _pull_parser,
-                    _demo_parser)
+                    _remove_parser, _repair_parser, _demo_parser)
 COMMANDS = tuple(add.__name__.strip("_").removesuffix("_parser") for add in _COMMAND_PARSERS)
 
 

@@ -30,7 +30,7 @@ def write_jsonl(path, records):
 
 def test_every_command_has_a_manual(capsys):
     commands = COMMANDS
-    assert set(commands) == {"learn", "generate", "eval", "inspect", "push", "pull", "demo"}
+    assert set(commands) == {"learn", "generate", "eval", "inspect", "push", "pull", "remove", "repair", "demo"}
     overview = build_parser().format_help()
     assert all(f"    {name} " in overview for name in commands)
     for name in commands:

@@ -104,6 +104,6 @@ def test_an_interrupted_save_leaves_the_library_as_it_was(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         library.add_from_model(model, "beta")
     assert (tmp_path / "lib" / "library.json").read_text() == index_before
-    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["experts", "library.json"]
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [".lock", "experts", "library.json"]
     assert [p.name for p in (tmp_path / "lib" / "experts").iterdir()] == ["alpha"]
     assert ExpertLibrary.open(tmp_path / "lib").names == ["alpha"]

@@ -1,11 +1,16 @@
 """All-or-nothing writes: everything is written under a temporary name beside the target, flushed to disk, then
 renamed into place, so a reader (or a process killed half-way) only ever sees the old or the new version.
 
-``staged_path`` is the one writer every module uses, for files and folders alike.
+``staged_path`` is the one writer every module uses, for files and folders alike. A folder replaces an existing one
+by an atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``), so the target is never missing; where the system
+cannot exchange, the old folder is moved to ``.<name>.old`` first and ``recover_replaced`` puts it back after an
+interruption (every later write of the target, and ``ExpertLibrary.repair``, call it).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -33,6 +38,7 @@ def staged_path(target: str | os.PathLike, *, folder: bool = False, suffix: str 
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_replaced(target)
     prefix = f".{target.name}.tmp-"
     if folder:  # a private holder folder keeps the not-yet-created staged folder's name free for the writer
         holder = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
@@ -80,19 +86,64 @@ def with_default_mode(path: Path) -> Path:
     return path
 
 
+def backup_path(target: Path) -> Path:
+    """Where a replaced folder waits while the new one is renamed in (only where folders cannot be exchanged)."""
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_replaced(target: str | os.PathLike) -> bool:
+    """Finish an interrupted replacement of folder ``target``: put the old copy back if the new one never arrived,
+    delete it if it did. True if anything was done.
+
+    Args:
+        target: the folder that was being replaced.
+    """
+    target = Path(target)
+    backup = backup_path(target)
+    if not backup.is_dir() or backup.is_symlink():
+        return False
+    if target.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(backup, target)
+        _fsync(target.parent)
+    return True
+
+
 def _replace(staged: Path, target: Path) -> None:
     if not (staged.is_dir() and target.is_dir()):
         os.replace(staged, target)
         return
-    # os.replace cannot put a folder onto a non-empty one: move the old one aside, and back if the rename fails
-    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if _exchange(staged, target):  # staged now holds the old folder, which the caller's cleanup deletes
+        return
+    backup = backup_path(target)
+    shutil.rmtree(backup, ignore_errors=True)
     os.replace(target, backup)
     try:
         os.replace(staged, target)
     except BaseException:
         os.replace(backup, target)
         raise
+    _fsync(target.parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the system or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def _fsync_tree(path: Path) -> None:

@@ -5,24 +5,37 @@
       experts/<name>/         adapter_config.json + adapter_model.safetensors (what save_expert writes)
 
 Experts are written to a staging folder inside the library and renamed into place only when complete, and the
-index is replaced atomically, so an interrupted ``learn`` never leaves a half-written expert behind.
+index is replaced atomically, so an interrupted ``learn`` never leaves a half-written expert behind. Every change
+holds a lock file (so two processes cannot lose each other's update) and re-reads the index under it. What an
+interruption can leave (staging folders, an expert folder the index does not list yet, a removal half done) is
+finished by ``repair``, which every change runs first and ``peft-routing repair`` runs on request.
+
+The index is read like any file from elsewhere: names are checked (they become folder names) and every path is
+resolved inside ``experts/``, never through a symlink.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io.atomic import staged_path, write_json_atomic
-from ..tuner.expert_folder import read_expert_folder
+from ..io.atomic import recover_replaced, staged_path, write_json_atomic
+from ..io.safe_files import confined_file, copy_plain_file, read_json_object
+from ..tuner.expert_folder import EXPERT_FILES, read_expert_folder
 from ..tuner.names import check_expert_name
 
 INDEX_FILE = "library.json"
+LOCK_FILE = ".lock"
 FORMAT = "peft-routing-library"
+TRASH_PREFIX = ".removing-"
+LOST_AND_FOUND = "lost+found"
 
 
 class LibraryError(ValueError):
@@ -34,6 +47,7 @@ class ExpertLibrary:
     root: Path
     base_model: str
     entries: list[dict[str, Any]]
+    repaired: list[str] = field(default_factory=list)  # what open() found interrupted and finished
 
     # ---------------------------------------------------------------------------------------------- open / create
     @classmethod
@@ -64,13 +78,11 @@ class ExpertLibrary:
         if not index.is_file():
             raise LibraryError(f"{root} is not an expert library (no {INDEX_FILE}). Create one with "
                                "`peft-routing learn --library DIR --base MODEL ...` on a new or empty directory.")
-        try:
-            data = json.loads(index.read_text())
-        except json.JSONDecodeError as error:
-            raise LibraryError(f"{index} is not valid JSON ({error.msg}); the library index is damaged.") from None
-        if data.get("format") != FORMAT or not isinstance(data.get("experts"), list):
-            raise LibraryError(f"{index} is not a peft-routing library index (format {data.get('format')!r}).")
-        return cls(root, data["base_model"], data["experts"])
+        base_model, entries = _read_index(index)
+        library = cls(root, base_model, entries)
+        if library._repair_needed():
+            library.repaired = library.repair()
+        return library
 
     @classmethod
     def open_or_create(cls, root: str | os.PathLike, base_model: str | None) -> ExpertLibrary:
@@ -97,9 +109,18 @@ class ExpertLibrary:
         return [entry["name"] for entry in self.entries]
 
     def expert_dir(self, name: str) -> Path:
+        """The folder of expert ``name``: inside ``experts/``, a real folder (never a symlink).
+
+        Args:
+            name: an expert of the library.
+        """
         if name not in self.names:
             raise LibraryError(f"No expert {name!r} in the library at {self.root}; it has {self.names}.")
-        return self.root / "experts" / name
+        folder = self.root / "experts" / name
+        if folder.is_symlink() or not folder.is_dir():
+            raise LibraryError(f"{folder} is missing or is a symlink; run `peft-routing repair --library "
+                               f"{self.root}`, or remove the expert with `peft-routing remove`.")
+        return folder
 
     def check_new_name(self, name: str) -> None:
         """Fail early (before any training) for a name that is taken or unusable.
@@ -124,8 +145,10 @@ class ExpertLibrary:
         self.check_new_name(name)
         return self._install(name, lambda staging: model.save_expert(name, staging), training)
 
+
     def add_from_folder(self, folder: str | os.PathLike, name: str | None = None) -> str:
-        """Copy an expert folder (e.g. downloaded from the Hub) into the library after checking it reads.
+        """Copy an expert folder (e.g. downloaded from the Hub) into the library, after every check that needs no
+        model (``read_expert_folder``); only the files an expert has are copied, never through a symlink.
 
         Args:
             folder: the expert folder.
@@ -133,30 +156,129 @@ class ExpertLibrary:
         """
         files = read_expert_folder(Path(folder))
         name = name or files.config.expert_name or Path(folder).name
+        modules = {key.rsplit(".lora_", 1)[0] for key in files.tensors}
+        routed = {key.removesuffix(".lora_route") for key in files.tensors if key.endswith(".lora_route")}
+        if routed != modules:
+            raise LibraryError(f"Expert {folder} has no routing vectors for {len(modules - routed)} of its "
+                               f"{len(modules)} modules, so it cannot route in a library. Load it with "
+                               "model.add_expert(path, allow_missing_routes=True), train its vectors with "
+                               "set_phase('router', name), and save it.")
         self.check_new_name(name)
-        self._install(name, lambda staging: shutil.copytree(folder, staging), None)
+        self._install(name, lambda staging: copy_expert_files(Path(folder), staging), None)
         return name
 
     def remove(self, name: str) -> None:
-        """Remove an expert from the index, then delete its folder.
+        """Remove an expert: its folder is moved aside, the index rewritten, then the folder deleted (an
+        interruption at any point is finished by ``repair``: the expert is either still there or gone).
 
         Args:
             name: the expert.
         """
-        folder = self.expert_dir(name)
-        self.entries = [entry for entry in self.entries if entry["name"] != name]
-        self._write_index()
-        shutil.rmtree(folder)
+        with self._changing():
+            if name not in self.names:
+                raise LibraryError(f"No expert {name!r} in the library at {self.root}; it has {self.names}.")
+            folder = self.root / "experts" / name
+            trash = folder.with_name(f"{TRASH_PREFIX}{name}")
+            if folder.is_dir() and not folder.is_symlink():
+                os.replace(folder, trash)
+            elif folder.is_symlink():
+                folder.unlink()
+            self.entries = [entry for entry in self.entries if entry["name"] != name]
+            self._write_index()
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def repair(self) -> list[str]:
+        """Finish what an interrupted change left; returns one line per thing done (empty: nothing to do).
+
+        * staging folders and files (``.<name>.tmp-*``) are deleted: they are never a finished write;
+        * a half-done overwrite is finished (``io.atomic.recover_replaced``);
+        * a removal interrupted before its index write is undone, one interrupted after it is finished;
+        * an expert folder the index does not list (an install interrupted before its index write) is added to the
+          index if it reads as a valid expert, else moved to ``lost+found/``.
+        """
+        with self._changing():
+            return self._repair()
+
+    def _repair(self) -> list[str]:
+        done: list[str] = []
+        experts = self.root / "experts"
+        for path in sorted(experts.iterdir()) + sorted(self.root.iterdir()):
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                _delete(path)
+                done.append(f"deleted the staging leftover {path.name}")
+        for name in self.names:
+            if recover_replaced(experts / name):
+                done.append(f"finished an interrupted overwrite of {name!r}")
+            trash = experts / f"{TRASH_PREFIX}{name}"
+            if trash.is_dir() and not (experts / name).exists():
+                os.replace(trash, experts / name)
+                done.append(f"undid an interrupted removal of {name!r} (the index still listed it)")
+        for path in sorted(experts.iterdir()):
+            if path.name.startswith(TRASH_PREFIX):
+                _delete(path)
+                done.append(f"finished the removal of {path.name.removeprefix(TRASH_PREFIX)!r}")
+            elif not path.name.startswith(".") and path.name not in self.names:
+                done.append(self._adopt_or_set_aside(path))
+        if done:
+            self._write_index()
+        return done
+
+    def _adopt_or_set_aside(self, path: Path) -> str:
+        try:
+            if path.is_symlink() or not path.is_dir():
+                raise LibraryError("not a folder")
+            check_expert_name(path.name, None, self.names)
+            read_expert_folder(path)
+        except (ValueError, OSError) as error:
+            lost = self.root / LOST_AND_FOUND
+            lost.mkdir(exist_ok=True)
+            target = lost / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(path, target)
+            return f"moved {path.name!r} to {target}: the index does not list it and it is not a valid expert ({error})"
+        self.entries.append({"name": path.name, "training": {"recovered": "its install was interrupted before the "
+                                                                          "index was written"}})
+        return f"added {path.name!r} to the index (a complete expert whose install was interrupted)"
 
     def _install(self, name: str, write, training: dict[str, Any] | None) -> Path:
         target = self.root / "experts" / name
-        if target.exists():
-            raise LibraryError(f"{target} exists but is not in the library index; move it away first.")
-        with staged_path(target, folder=True) as staging:
-            write(staging)
-        self.entries.append({"name": name, "training": training or {}})
-        self._write_index()
+        with self._changing():
+            self.check_new_name(name)
+            if target.exists() or target.is_symlink():
+                raise LibraryError(f"{target} exists but is not in the library index; run `peft-routing repair "
+                                   f"--library {self.root}` first.")
+            with staged_path(target, folder=True) as staging:
+                write(staging)
+            self.entries.append({"name": name, "training": training or {}})
+            self._write_index()
         return target
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the library's lock file (other processes wait) and work on the index as it is on disk now."""
+        if getattr(self, "_lock_depth", 0):
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with open(self.root / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                self.base_model, self.entries = _read_index(self.root / INDEX_FILE)
+                if self._repair_needed():
+                    self._repair()
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _repair_needed(self) -> bool:
+        experts = self.root / "experts"
+        listed = set(self.names)
+        return any(p.name.startswith(".") or p.name not in listed for p in experts.iterdir()) or any(
+            ".tmp-" in p.name for p in self.root.iterdir())
 
     def _write_index(self) -> None:
         data = {"format": FORMAT, "base_model": self.base_model, "experts": self.entries}
@@ -180,3 +302,40 @@ class ExpertLibrary:
         model.set_phase("route")
         return model.eval()
 
+
+
+def _read_index(index: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(base model, entries) of a library index, every entry checked: its name becomes a folder name."""
+    try:
+        data = read_json_object(index)
+    except ValueError as error:
+        raise LibraryError(f"The library index is damaged: {error}") from None
+    if data.get("format") != FORMAT or not isinstance(data.get("experts"), list):
+        raise LibraryError(f"{index} is not a peft-routing library index (format {data.get('format')!r}).")
+    if not isinstance(data.get("base_model"), str):
+        raise LibraryError(f"{index}: `base_model` must be text, got {data.get('base_model')!r}.")
+    names: list[str] = []
+    for number, entry in enumerate(data["experts"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("training", {}), dict):
+            raise LibraryError(f"{index}: expert entry {number} must be an object with a name and a training dict.")
+        try:
+            check_expert_name(entry.get("name"), None, names)
+        except ValueError as error:
+            raise LibraryError(f"{index}: expert entry {number}: {error} Fix or remove the entry.") from None
+        names.append(entry["name"])
+    return data["base_model"], [{"name": e["name"], "training": e.get("training", {})} for e in data["experts"]]
+
+
+def copy_expert_files(source: Path, staging: Path) -> None:
+    """Copy the files an expert folder holds (``EXPERT_FILES``), checked one by one; nothing else."""
+    staging.mkdir()
+    for name in EXPERT_FILES:
+        if (source / name).exists() or (source / name).is_symlink():
+            copy_plain_file(confined_file(source, name), staging / name)
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
