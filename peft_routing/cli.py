@@ -74,6 +74,11 @@ def _library_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--library", required=True, type=Path, help="the library directory")
 
 
+def _absolute_paths_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-absolute-paths", action="store_true",
+                        help="let the data file name images by absolute path (default: only inside its folder)")
+
+
 def _routing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert", help="use this one expert only (the oracle), instead of routing over all")
     parser.add_argument("--top-k", type=int, help="experts per token (default: the library's, from its experts)")
@@ -122,6 +127,7 @@ def _learn_parser(commands) -> None:
     _library_option(parser)
     parser.add_argument("--name", required=True, help="the new expert's name (letters, digits, _ and -)")
     parser.add_argument("--data", required=True, type=Path, help="the task's training data (JSONL)")
+    _absolute_paths_option(parser)
     parser.add_argument("--base", help="base model for a new library: 'smollm2' (offline) or a folder / Hub id")
     adapter = parser.add_argument_group("adapter (first expert of a library only)")
     adapter.add_argument("--rank", type=int, default=16)
@@ -150,7 +156,8 @@ def _run_learn(args) -> int:
     from .workflow.data import load_examples
     from .workflow.training import learn_task
 
-    examples = load_examples(args.data)  # a bad line fails before anything is created or loaded
+    # a bad line fails before anything is created or loaded
+    examples = load_examples(args.data, allow_absolute_paths=args.allow_absolute_paths)
     library = open_library(args.library, args.base, create=True)
     library.check_new_name(args.name)
     base, processor = load_base_model(library.base_model)
@@ -216,6 +223,7 @@ def _generate_parser(commands) -> None:
     _library_option(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a user message to answer (repeatable)")
     parser.add_argument("--data", type=Path, help="JSONL prompts")
+    _absolute_paths_option(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     _routing_options(parser)
@@ -229,7 +237,8 @@ def _run_generate(args) -> int:
 
     records = [{"prompt": p} for p in args.prompt]
     examples = (load_examples(records, require_answer=False) if records else []) + (
-        load_examples(args.data, require_answer=False) if args.data else [])
+        load_examples(args.data, require_answer=False, allow_absolute_paths=args.allow_absolute_paths)
+        if args.data else [])
     if not examples:
         raise ValueError("Nothing to answer: pass --prompt TEXT or --data FILE.")
     model, processor = load_for_inference(args)
@@ -254,6 +263,7 @@ def _eval_parser(commands) -> None:
         """, _run_eval)
     _library_option(parser)
     parser.add_argument("--data", required=True, type=Path, help="JSONL with prompts and reference answers")
+    _absolute_paths_option(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write {'accuracy': ..., 'examples': ...} here")
     _routing_options(parser)
@@ -264,7 +274,7 @@ def _run_eval(args) -> int:
     from .workflow.data import load_examples
     from .workflow.evaluation import answer_accuracy
 
-    examples = load_examples(args.data)
+    examples = load_examples(args.data, allow_absolute_paths=args.allow_absolute_paths)
     model, processor = load_for_inference(args)
     accuracy = answer_accuracy(model, processor, examples, batch_size=args.batch_size, progress="eval")
     who = f"expert {args.expert!r}" if args.expert else f"the routed library {model.base_model.experts}"
@@ -281,6 +291,7 @@ def _inspect_parser(commands) -> None:
         """, _run_inspect)
     _library_option(parser)
     parser.add_argument("--data", required=True, type=Path, help="JSONL examples to route")
+    _absolute_paths_option(parser)
     parser.add_argument("--out", required=True, type=Path, help="PNG file to write")
     parser.add_argument("--limit", type=int, default=32, help="examples to use (default 32)")
     parser.add_argument("--top-k", type=int)
@@ -292,7 +303,7 @@ def _run_inspect(args) -> int:
     from .workflow.data import load_examples
     from .workflow.diagnostics import plot_routing, routing_shares
 
-    examples = load_examples(args.data)[: args.limit]
+    examples = load_examples(args.data, allow_absolute_paths=args.allow_absolute_paths)[: args.limit]
     model, processor = load_for_inference(args)
     shares = routing_shares(model, processor, examples)
     plot_routing({args.data.stem: shares}, args.out)

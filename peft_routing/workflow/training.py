@@ -18,9 +18,12 @@ import inspect
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 from ..tuner.config import RoutingLoraConfig
@@ -91,11 +94,13 @@ def train_expert(model, expert: str, data, processor, *, config: RoutingLoraConf
         **overrides: ``TrainingArguments`` fields (``max_steps=60, learning_rate=1e-4``).
     """
     tuner = _routing_tuner(model)
-    if expert not in tuner.experts:
-        model.add_adapter(expert, config or new_expert_config(tuner))
-    tuner.set_phase("expert", expert)
-    return _run_stage(model, "expert", expert, data, processor, EXPERT_DEFAULTS, training_args, max_length,
-                      answer_logits_only, overrides)
+    examples = as_examples(data)  # every record checked before the model changes
+    with rolled_back_on_failure(tuner, expert):
+        if expert not in tuner.experts:
+            model.add_adapter(expert, config or new_expert_config(tuner))
+        tuner.set_phase("expert", expert)
+        return _run_stage(model, "expert", expert, examples, processor, EXPERT_DEFAULTS, training_args, max_length,
+                          answer_logits_only, overrides)
 
 
 def train_router(model, expert: str, data, processor, *, training_args: TrainingArguments | None = None,
@@ -121,11 +126,12 @@ def train_router(model, expert: str, data, processor, *, training_args: Training
         raise ValueError(f"No expert named {expert!r} to train a router for; the experts are {tuner.experts}. "
                          "Run train_expert first.")
     examples = as_examples(data)
-    tuner.set_phase("router", expert)
-    report = _run_stage(model, "router", expert, examples, processor, ROUTER_DEFAULTS, training_args, max_length,
-                        answer_logits_only, overrides)
-    if prototype_examples > 0:
-        compute_prototype(model, expert, examples, processor, max_examples=prototype_examples)
+    with rolled_back_on_failure(tuner, expert):
+        tuner.set_phase("router", expert)
+        report = _run_stage(model, "router", expert, examples, processor, ROUTER_DEFAULTS, training_args,
+                            max_length, answer_logits_only, overrides)
+        if prototype_examples > 0:
+            compute_prototype(model, expert, examples, processor, max_examples=prototype_examples)
     return report
 
 
@@ -148,10 +154,45 @@ def learn_task(model, expert: str, data, processor, *, config: RoutingLoraConfig
     """
     examples = as_examples(data)
     common = dict(max_length=max_length, answer_logits_only=answer_logits_only)
-    expert_report = train_expert(model, expert, examples, processor, config=config, **common, **(expert_args or {}))
-    router_report = train_router(model, expert, examples, processor, **common, **(router_args or {}))
-    _routing_tuner(model).set_phase("route")
+    tuner = _routing_tuner(model)
+    with rolled_back_on_failure(tuner, expert):
+        expert_report = train_expert(model, expert, examples, processor, config=config, **common,
+                                     **(expert_args or {}))
+        router_report = train_router(model, expert, examples, processor, **common, **(router_args or {}))
+        tuner.set_phase("route")
     return LearnReport(expert_report, router_report)
+
+
+@contextmanager
+def rolled_back_on_failure(tuner: RoutingLoraModel, expert: str) -> Iterator[None]:
+    """On any failure in the block (an error, Ctrl-C), put the model back as it was: a new expert is removed, an
+    existing one gets its tensors and prototype back, and the phase is restored.
+
+    Args:
+        tuner: the model's ``RoutingLoraModel``.
+        expert: the expert the block trains.
+    """
+    existed = expert in tuner.experts
+    saved = {k: v.detach().clone() for k, v in tuner.expert_state_dict(expert).items()} if existed else {}
+    prototype = tuner.expert_prototype(expert) if existed else None
+    phase, settings = tuner.phase, asdict(tuner.routing_settings)
+    try:
+        yield
+    except BaseException:
+        if not existed and expert in tuner.experts:
+            tuner.remove_expert(expert)
+        elif existed:
+            current = tuner.expert_state_dict(expert)
+            with torch.no_grad():
+                for key, tensor in saved.items():
+                    current[key].copy_(tensor)
+            config = tuner.peft_config[expert]
+            config.prototype = prototype.fields() if prototype else None
+            config.prototype_vector = prototype.vector if prototype else None
+        tuner.set_phase("route", **settings)
+        if phase[0] != "route" and phase[1] in tuner.experts:
+            tuner.set_phase(phase[0], phase[1])
+        raise
 
 
 def new_expert_config(tuner: RoutingLoraModel) -> RoutingLoraConfig:
