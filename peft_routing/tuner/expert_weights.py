@@ -81,7 +81,11 @@ def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 "reads adapter_model.safetensors. Convert it with safetensors, or re-save it with PEFT; if you trust "
                 "its author, pass allow_pickle=True (PEFT_ROUTING_ALLOW_PICKLE=1 for PeftModel.from_pretrained)."
             )
-        pickled = torch.load(confined_file(path, PICKLE_FILE), map_location="cpu", weights_only=True)
+        try:  # weights_only: torch's restricted unpickler, which refuses anything but tensors and containers
+            pickled = torch.load(confined_file(path, PICKLE_FILE), map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - the unpickler raises many types; all mean "not plain weights"
+            raise ValueError(f"{path}/{PICKLE_FILE} is not a plain pickle of tensors ({type(error).__name__}: "
+                             f"{str(error)[:200]}); it was not loaded.") from None
         if not isinstance(pickled, dict) or not all(isinstance(v, torch.Tensor) for v in pickled.values()):
             raise ValueError(f"{path}/{PICKLE_FILE} does not hold a dict of tensors.")
         return pickled

@@ -159,8 +159,9 @@ class ExpertLibrary:
         modules = {key.rsplit(".lora_", 1)[0] for key in files.tensors}
         routed = {key.removesuffix(".lora_route") for key in files.tensors if key.endswith(".lora_route")}
         if routed != modules:
-            raise LibraryError(f"Expert {folder} has no routing vectors for {len(modules - routed)} of its "
-                               f"{len(modules)} modules, so it cannot route in a library. Load it with "
+            unrouted = sorted(modules - routed)
+            raise LibraryError(f"Expert {folder} has no routing vectors for {len(unrouted)} of its {len(modules)} "
+                               f"modules ({unrouted[:3]}), so it cannot route in a library. Load it with "
                                "model.add_expert(path, allow_missing_routes=True), train its vectors with "
                                "set_phase('router', name), and save it.")
         self.check_new_name(name)
@@ -296,6 +297,7 @@ class ExpertLibrary:
         if not self.names:
             raise LibraryError(f"The library at {self.root} has no experts yet; learn a task first.")
         first, *rest = self.names
+        read_expert_folder(self.expert_dir(first))  # our checks and messages, before PEFT reads the folder
         model = PeftModel.from_pretrained(base, self.expert_dir(first), adapter_name=first)
         for name in rest:
             model.add_expert(self.expert_dir(name), adapter_name=name)
