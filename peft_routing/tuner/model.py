@@ -90,11 +90,10 @@ class RoutingLoraModel(LoraModel):
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.peft_config = ExpertConfigs(self.peft_config)
         self.model.peft_config = self.peft_config
-
-    def forward(self, *args, **kwargs):
-        """The model's forward, with the library held unchanged (``library_lock``)."""
-        with self.library_lock.reading():
-            return super().forward(*args, **kwargs)
+        # every forward of the base model holds the library unchanged, by whichever PEFT path it is called
+        self.model.register_forward_pre_hook(lambda module, args: self.library_lock.acquire_read())
+        self.model.register_forward_hook(lambda module, args, output: self.library_lock.release_read(),
+                                         always_call=True)
 
     def generate(self, *args, **kwargs):
         """The model's ``generate``, with the library held unchanged for the whole call (every step routes alike)."""

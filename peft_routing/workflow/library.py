@@ -81,7 +81,7 @@ class ExpertLibrary:
         base_model, entries = _read_index(index)
         library = cls(root, base_model, entries)
         if library._repair_needed():
-            library.repaired = library.repair()
+            library.repair()
         return library
 
     @classmethod
@@ -197,8 +197,10 @@ class ExpertLibrary:
         * an expert folder the index does not list (an install interrupted before its index write) is added to the
           index if it reads as a valid expert, else moved to ``lost+found/``.
         """
+        already = len(self.repaired)
         with self._changing():
-            return self._repair()
+            self.repaired.extend(self._repair())
+        return self.repaired[already:]
 
     def _repair(self) -> list[str]:
         done: list[str] = []
@@ -269,7 +271,7 @@ class ExpertLibrary:
             try:
                 self.base_model, self.entries = _read_index(self.root / INDEX_FILE)
                 if self._repair_needed():
-                    self._repair()
+                    self.repaired.extend(self._repair())
                 yield
             finally:
                 self._lock_depth = 0
