@@ -1,12 +1,12 @@
 """The concurrency contract of a routed model: forwards share the library, changes to it are exclusive.
 
-Any number of threads may run forwards (and ``generate``) at once; every forward of the base model holds the lock
-(forward hooks, so every PEFT entry point is covered) and so does a whole ``generate`` called through a
-``PeftModelForCausalLM`` (``task_type="CAUSAL_LM"``; the base ``PeftModel`` calls the transformers model's
-``generate`` directly, and then each step is consistent but a change may land between steps); ``add_expert``, ``remove_expert``, ``set_phase``,
-``set_prototype`` and PEFT's adapter verbs wait until the running forwards finish, and forwards that start meanwhile
-wait for the change. So a forward (a whole ``generate`` call too) sees the library before or after a change, never
-a mix. Both sides are re-entrant in one thread (a change may run a forward; a forward inside ``generate``).
+Any number of threads may run forwards at once: every forward of the base model holds the lock as a reader (forward
+hooks, so every PEFT entry point is covered), and so does a whole ``generate`` called through a
+``PeftModelForCausalLM`` (``task_type="CAUSAL_LM"``; the bare ``PeftModel`` calls the transformers model's
+``generate`` directly, so each step is consistent but a change may land between steps). ``add_expert``,
+``remove_expert``, ``set_phase``, ``set_prototype`` and PEFT's adapter verbs wait until the running forwards finish,
+and forwards that start meanwhile wait for the change, so a forward sees the library before or after a change, never
+a mix. Both sides are re-entrant in one thread (a forward inside ``generate``; a change that runs a forward).
 """
 
 from __future__ import annotations
