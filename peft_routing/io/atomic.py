@@ -154,6 +154,15 @@ def _fsync_tree(path: Path) -> None:
     _fsync(path)
 
 
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make the renames inside folder ``path`` durable (a rename is only on disk once its folder is fsynced).
+
+    Args:
+        path: a folder.
+    """
+    _fsync(Path(path))
+
+
 def _fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

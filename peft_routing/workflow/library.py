@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io.atomic import recover_replaced, staged_path, write_json_atomic
+from ..io.atomic import fsync_directory, recover_replaced, staged_path, write_json_atomic
 from ..io.safe_files import confined_file, copy_plain_file, read_json_object
 from ..tuner.expert_folder import EXPERT_FILES, read_expert_folder
 from ..tuner.names import check_expert_name
@@ -182,6 +182,7 @@ class ExpertLibrary:
             trash = folder.with_name(f"{TRASH_PREFIX}{name}")
             if folder.is_dir() and not folder.is_symlink():
                 os.replace(folder, trash)
+                fsync_directory(trash.parent)  # durable before the index says it is gone
             elif folder.is_symlink():
                 folder.unlink()
             self.entries = [entry for entry in self.entries if entry["name"] != name]
@@ -215,6 +216,7 @@ class ExpertLibrary:
             trash = experts / f"{TRASH_PREFIX}{name}"
             if trash.is_dir() and not (experts / name).exists():
                 os.replace(trash, experts / name)
+                fsync_directory(experts)
                 done.append(f"undid an interrupted removal of {name!r} (the index still listed it)")
         for path in sorted(experts.iterdir()):
             if path.name.startswith(TRASH_PREFIX):
@@ -237,6 +239,8 @@ class ExpertLibrary:
             lost.mkdir(exist_ok=True)
             target = lost / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(path, target)
+            fsync_directory(path.parent)
+            fsync_directory(lost)
             return f"moved {path.name!r} to {target}: the index does not list it and it is not a valid expert ({error})"
         self.entries.append({"name": path.name, "training": {"recovered": "its install was interrupted before the "
                                                                           "index was written"}})
