@@ -250,9 +250,23 @@ class RoutingLoraModel(LoraModel):
 
     @_changes_library
     def set_adapter(self, *args, **kwargs):
-        """PEFT's set_adapter (which changes requires_grad flags behind our back)."""
+        """PEFT's set_adapter, then the phase's trainable flags again (PEFT makes the whole adapter trainable, which
+        Trainer's resume path would otherwise turn into training LoRA A/B in the router phase)."""
         self._grads_applied = None
-        return super().set_adapter(*args, **kwargs)
+        result = super().set_adapter(*args, **kwargs)
+        self._apply_phase()
+        return result
+
+    def _check_merge_allowed(self) -> None:
+        """Merging is plain LoRA's: allowed in the expert phase only (every other phase computes what no merged
+        weight can: a per-token mixture, or a gate on each token)."""
+        super()._check_merge_allowed()
+        phase, expert = self.phase
+        if phase != "expert":
+            raise ValueError(
+                f"Cannot merge in the {phase!r} phase: a merged weight holds one fixed update, but this phase routes "
+                "(or gates) every token, so the merged model would silently compute something else. To merge one "
+                "expert, call set_phase('expert', name) first; to drop every expert, use unload().")
 
     def _apply_phase(self, library_changed: bool = False) -> None:
         """Push the phase to every layer and set requires_grad for exactly the parameters it trains.
