@@ -116,7 +116,7 @@ def read_expert_folder(folder: str | os.PathLike, *, allow_pickle: bool = False)
             folder has no safetensors file. Off by default: a pickle from a stranger is code.
     """
     path = Path(folder)
-    if not (path / CONFIG_FILE).exists() and not (path / CONFIG_FILE).is_symlink():
+    if not os.path.lexists(path / CONFIG_FILE):
         raise FileNotFoundError(f"{path} is not an expert folder: it has no {CONFIG_FILE}.")
     raw = read_json_object(confined_file(path, CONFIG_FILE, MAX_CONFIG_BYTES))
     peft_type = raw.get("peft_type")
@@ -141,7 +141,7 @@ def _read_plain_lora(path: Path, raw: dict) -> tuple[RoutingLoraConfig, dict[str
     values = neutralise_loaded_fields(raw, where, _LORA_FIELDS)
     values.pop("peft_type", None)
     routes: dict[str, torch.Tensor] = {}
-    if (path / ROUTES_FILE).exists() or (path / ROUTES_FILE).is_symlink():
+    if os.path.lexists(path / ROUTES_FILE):
         side_file = confined_file(path, ROUTES_FILE)
         routes = read_safetensors(side_file)
         with safe_open(str(side_file), framework="pt") as handle:

@@ -72,23 +72,22 @@ def fetch_checked_tensors(path_or_repo_id: str | os.PathLike, subfolder: str | N
 
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """The expert weights of a folder: its safetensors file, or its pickle only when ``allow_pickle``."""
-    if (path / WEIGHTS_FILE).exists() or (path / WEIGHTS_FILE).is_symlink() or not (path / PICKLE_FILE).exists():
+    if os.path.lexists(path / WEIGHTS_FILE) or not (path / PICKLE_FILE).exists():
         return read_safetensors(confined_file(path, WEIGHTS_FILE))
-    if (path / PICKLE_FILE).exists():
-        if not allow_pickle:
-            raise ValueError(
-                f"{path} holds {PICKLE_FILE} (a pickle file, which can run code when loaded); peft-routing only "
-                "reads adapter_model.safetensors. Convert it with safetensors, or re-save it with PEFT; if you trust "
-                "its author, pass allow_pickle=True (PEFT_ROUTING_ALLOW_PICKLE=1 for PeftModel.from_pretrained)."
-            )
-        try:  # weights_only: torch's restricted unpickler, which refuses anything but tensors and containers
-            pickled = torch.load(confined_file(path, PICKLE_FILE), map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - the unpickler raises many types; all mean "not plain weights"
-            raise ValueError(f"{path}/{PICKLE_FILE} is not a plain pickle of tensors ({type(error).__name__}: "
-                             f"{str(error)[:200]}); it was not loaded.") from None
-        if not isinstance(pickled, dict) or not all(isinstance(v, torch.Tensor) for v in pickled.values()):
-            raise ValueError(f"{path}/{PICKLE_FILE} does not hold a dict of tensors.")
-        return pickled
+    if not allow_pickle:
+        raise ValueError(
+            f"{path} holds {PICKLE_FILE} (a pickle file, which can run code when loaded); peft-routing only "
+            "reads adapter_model.safetensors. Convert it with safetensors, or re-save it with PEFT; if you trust "
+            "its author, pass allow_pickle=True (PEFT_ROUTING_ALLOW_PICKLE=1 for PeftModel.from_pretrained)."
+        )
+    try:  # weights_only: torch's restricted unpickler, which refuses anything but tensors and containers
+        pickled = torch.load(confined_file(path, PICKLE_FILE), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - the unpickler raises many types; all mean "not plain weights"
+        raise ValueError(f"{path}/{PICKLE_FILE} is not a plain pickle of tensors ({type(error).__name__}: "
+                         f"{str(error)[:200]}); it was not loaded.") from None
+    if not isinstance(pickled, dict) or not all(isinstance(v, torch.Tensor) for v in pickled.values()):
+        raise ValueError(f"{path}/{PICKLE_FILE} does not hold a dict of tensors.")
+    return pickled
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -261,7 +261,7 @@ class RoutingLoraModel(LoraModel):
         """Merging is plain LoRA's: allowed in the expert phase only (every other phase computes what no merged
         weight can: a per-token mixture, or a gate on each token)."""
         super()._check_merge_allowed()
-        phase, expert = self.phase
+        phase = self.phase[0]
         if phase != "expert":
             raise ValueError(
                 f"Cannot merge in the {phase!r} phase: a merged weight holds one fixed update, but this phase routes "

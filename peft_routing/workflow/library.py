@@ -29,6 +29,7 @@ from typing import Any
 from ..io.atomic import fsync_directory, recover_replaced, staged_path, write_json_atomic
 from ..io.safe_files import confined_file, copy_plain_file, read_json_object
 from ..tuner.expert_folder import EXPERT_FILES, read_expert_folder
+from ..tuner.expert_tensors import group_expert_tensors
 from ..tuner.names import check_expert_name
 
 INDEX_FILE = "library.json"
@@ -48,6 +49,7 @@ class ExpertLibrary:
     base_model: str
     entries: list[dict[str, Any]]
     repaired: list[str] = field(default_factory=list)  # what open() found interrupted and finished
+    _lock_depth: int = field(default=0, init=False, repr=False)  # re-entrant holds of the lock file
 
     # ---------------------------------------------------------------------------------------------- open / create
     @classmethod
@@ -156,10 +158,9 @@ class ExpertLibrary:
         """
         files = read_expert_folder(Path(folder))
         name = name or files.config.expert_name or Path(folder).name
-        modules = {key.rsplit(".lora_", 1)[0] for key in files.tensors}
-        routed = {key.removesuffix(".lora_route") for key in files.tensors if key.endswith(".lora_route")}
-        if routed != modules:
-            unrouted = sorted(modules - routed)
+        modules = group_expert_tensors(files.tensors, files.source)
+        unrouted = sorted(path for path, found in modules.items() if "lora_route" not in found)
+        if unrouted:
             raise LibraryError(f"Expert {folder} has no routing vectors for {len(unrouted)} of its {len(modules)} "
                                f"modules ({unrouted[:3]}), so it cannot route in a library. Load it with "
                                "model.add_expert(path, allow_missing_routes=True), train its vectors with "
@@ -250,7 +251,7 @@ class ExpertLibrary:
         target = self.root / "experts" / name
         with self._changing():
             self.check_new_name(name)
-            if target.exists() or target.is_symlink():
+            if os.path.lexists(target):
                 raise LibraryError(f"{target} exists but is not in the library index; run `peft-routing repair "
                                    f"--library {self.root}` first.")
             with staged_path(target, folder=True) as staging:
@@ -262,7 +263,7 @@ class ExpertLibrary:
     @contextmanager
     def _changing(self) -> Iterator[None]:
         """Hold the library's lock file (other processes wait) and work on the index as it is on disk now."""
-        if getattr(self, "_lock_depth", 0):
+        if self._lock_depth:
             self._lock_depth += 1
             try:
                 yield
@@ -338,7 +339,7 @@ def copy_expert_files(source: Path, staging: Path) -> None:
     """Copy the files an expert folder holds (``EXPERT_FILES``), checked one by one; nothing else."""
     staging.mkdir()
     for name in EXPERT_FILES:
-        if (source / name).exists() or (source / name).is_symlink():
+        if os.path.lexists(source / name):
             copy_plain_file(confined_file(source, name), staging / name)
 
 
