@@ -33,6 +33,7 @@ from .config import RoutingLoraConfig
 from .expert_folder import ExpertFiles, read_expert_folder, write_expert_folder
 from .expert_tensors import KEY_PREFIX, ROUTE_SUFFIX
 from .fit import plan_expert_load, text_hidden_size, text_num_blocks
+from .language_model import is_beside_language_model, language_model_path
 from .layer import PHASES, RoutingLinear
 from .library_lock import LibraryLock
 from .names import check_expert_name
@@ -84,6 +85,7 @@ class RoutingLoraModel(LoraModel):
     _grads_applied: tuple | None = None
     _layer_cache: list | None = None
     _prototype_router: PrototypeRouter | None = None
+    _merged_adapters: frozenset = frozenset()  # made by add_weighted_adapter: plain LoRA, never routed
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         object.__setattr__(self, "library_lock", LibraryLock())  # before PEFT's __init__ injects the first expert
@@ -149,9 +151,32 @@ class RoutingLoraModel(LoraModel):
         self._apply_phase(library_changed=True)
 
     @_changes_library
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args,
+                             **kwargs) -> None:
+        """PEFT's merge of experts into a new plain-LoRA adapter, usable in the expert phase only.
+
+        The merge has no trained routing vectors, so it is kept out of the routed library: ``set_phase('route')``
+        and ``set_phase('router', ...)`` refuse while it exists (its zero vector would take tokens from the trained
+        experts). Call it in the expert phase; ``delete_adapter(adapter_name)`` removes it again.
+        """
+        if self.phase[0] != "expert":
+            raise ValueError(
+                f"add_weighted_adapter makes a plain LoRA adapter, which the {self.phase[0]!r} phase would route as "
+                "if it were a trained expert. Call set_phase('expert', name) first, then "
+                f"set_phase('expert', {adapter_name!r}) to use the merge.")
+        super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        self._merged_adapters = self._merged_adapters | {adapter_name}
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters made by ``add_weighted_adapter``: usable with set_phase('expert', name), never routed."""
+        return [name for name in self.peft_config if name in self._merged_adapters]
+
+    @_changes_library
     def delete_adapter(self, adapter_name: str) -> None:
         was_phase_expert = self.phase[1] == adapter_name
         super().delete_adapter(adapter_name)
+        self._merged_adapters = self._merged_adapters - {adapter_name}
         if was_phase_expert:
             self._routing_phase = "route"
         self._apply_phase(library_changed=True)
@@ -219,6 +244,11 @@ class RoutingLoraModel(LoraModel):
                          prototype_prior=prototype_prior, fallback=fallback, prototype_pooling=prototype_pooling)
         if phase not in PHASES:
             raise ValueError(f"Unknown phase {phase!r}; use one of {PHASES}.")
+        if phase != "expert" and self.merged_adapters:
+            raise ValueError(
+                f"set_phase({phase!r}) routes the library, but {self.merged_adapters} were made by "
+                "add_weighted_adapter and have no trained routing vectors. Remove them with delete_adapter(name) "
+                "first (or use them with set_phase('expert', name)).")
         if phase == "route":
             if expert is not None:
                 raise ValueError("set_phase('route') uses every expert; do not pass an expert name.")
@@ -256,6 +286,13 @@ class RoutingLoraModel(LoraModel):
         result = super().set_adapter(*args, **kwargs)
         self._apply_phase()
         return result
+
+    @_changes_library
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """PEFT's explicit switch of an adapter's gradients (LoRA A/B and routing vectors alike); the next
+        ``set_phase`` sets the phase's flags afresh instead of trusting the ones it set before."""
+        super().set_requires_grad(adapter_names, requires_grad)
+        self._grads_applied = None
 
     def _check_merge_allowed(self) -> None:
         """Merging is plain LoRA's: allowed in the expert phase only (every other phase computes what no merged
@@ -367,16 +404,10 @@ class RoutingLoraModel(LoraModel):
         return self._layer_cache
 
     def _is_non_language_module(self, key: str) -> bool:
-        """True for modules beside the language model inside its parent (vision tower, projector ...)."""
+        """True for modules beside the language model (vision tower, projector ...): see ``language_model``."""
         if not hasattr(self, "_language_model_path"):
-            names = (n for n, _ in self.model.named_modules() if n.split(".")[-1] == "language_model")
-            self._language_model_path = next(names, None)
-        language_model = self._language_model_path
-        if language_model is None:
-            return False
-        parent = language_model.rpartition(".")[0]
-        inside_parent = parent == "" or key.startswith(parent + ".")
-        return inside_parent and not (key == language_model or key.startswith(language_model + "."))
+            self._language_model_path = language_model_path(self.model)
+        return is_beside_language_model(key, self._language_model_path)
 
     # ------------------------------------------------------------------------------------------------ expert verbs
     @_changes_library
