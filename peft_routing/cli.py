@@ -146,6 +146,11 @@ def _learn_parser(commands) -> None:
     training.add_argument("--bf16", action="store_true", help="bf16 mixed precision (both stages)")
     training.add_argument("--max-length", type=int, help="cut longer prompts from the left")
     training.add_argument("--seed", type=int, default=42)
+    training.add_argument("--checkpoints", type=Path,
+                          help="keep Trainer checkpoints of both stages here (DIR/expert, DIR/router)")
+    training.add_argument("--save-steps", type=int, help="checkpoint every N steps (with --checkpoints; default 500)")
+    training.add_argument("--resume", action="store_true",
+                          help="continue each stage from its latest checkpoint in --checkpoints (after a crash)")
 
 
 def _run_learn(args) -> int:
@@ -168,7 +173,8 @@ def _run_learn(args) -> int:
         config = RoutingLoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=args.target_modules,
                                    top_k=args.top_k, layers_to_transform=_top_layers(base, args.top_layers))
         model = get_peft_model(base, config, adapter_name=args.name)
-    common = _drop_none(seed=args.seed, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16 or None)
+    common = _drop_none(seed=args.seed, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16 or None,
+                        save_steps=args.save_steps)
     if args.bf16:
         import torch
 
@@ -178,7 +184,8 @@ def _run_learn(args) -> int:
     router_args = _drop_none(max_steps=args.router_steps, learning_rate=args.router_lr,
                              per_device_train_batch_size=args.router_batch_size, **common)
     report = learn_task(model, args.name, examples, processor, config=config, expert_args=expert_args,
-                        router_args=router_args, max_length=args.max_length)
+                        router_args=router_args, max_length=args.max_length, output_dir=args.checkpoints,
+                        resume_from_checkpoint=args.resume)
     folder = library.add_from_model(model, args.name, training=report.as_dict())
     print(f"learned {args.name!r}: expert stage {report.expert.seconds:.0f} s, router stage "
           f"{report.router.seconds:.0f} s; saved to {folder}; the library has {library.names}")

@@ -97,3 +97,17 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path, base_folder, capsys):
     assert not library.exists()
     assert main(["eval", "--library", str(tmp_path), "--data", str(alpha)]) == 1
     assert "is not an expert library" in capsys.readouterr().err
+
+
+def test_learn_keeps_checkpoints_where_asked_and_resumes_from_them(tmp_path, base_folder):
+    alpha = write_jsonl(tmp_path / "alpha.jsonl", task_records("A", "yes"))
+    learn = ["learn", "--base", str(base_folder), "--name", "alpha", "--data", str(alpha), "--rank", "4",
+             "--alpha", "8", *TRAIN, "--checkpoints", str(tmp_path / "ckpt"), "--save-steps", "3"]
+    assert main([*learn, "--library", str(tmp_path / "first")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "expert").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert (tmp_path / "ckpt" / "router" / "checkpoint-2").is_dir()
+    # a second library resumed from those checkpoints learns the same expert without training a step again
+    assert main([*learn, "--library", str(tmp_path / "second"), "--resume"]) == 0
+    first, second = (ExpertLibrary.open(tmp_path / name) for name in ("first", "second"))
+    assert (first.expert_dir("alpha") / "adapter_model.safetensors").read_bytes() == \
+        (second.expert_dir("alpha") / "adapter_model.safetensors").read_bytes()

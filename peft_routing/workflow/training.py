@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..tuner.config import RoutingLoraConfig
 from ..tuner.model import RoutingLoraModel
@@ -91,7 +94,9 @@ def train_expert(model, expert: str, data, processor, *, config: RoutingLoraConf
         max_length: cut longer prompts from the left.
         answer_logits_only: run the LM head on the answer positions only (where the model takes
             ``logits_to_keep``).
-        **overrides: ``TrainingArguments`` fields (``max_steps=60, learning_rate=1e-4``).
+        **overrides: ``TrainingArguments`` fields (``max_steps=60, learning_rate=1e-4``);
+            ``resume_from_checkpoint=path`` continues from a Trainer checkpoint, and checkpoints
+            (``save_strategy="steps"``) need an ``output_dir``.
     """
     tuner = _routing_tuner(model)
     examples = as_examples(data)  # every record checked before the model changes
@@ -137,8 +142,13 @@ def train_router(model, expert: str, data, processor, *, training_args: Training
 
 def learn_task(model, expert: str, data, processor, *, config: RoutingLoraConfig | None = None,
                expert_args: dict[str, Any] | None = None, router_args: dict[str, Any] | None = None,
-               max_length: int | None = None, answer_logits_only: bool = True) -> LearnReport:
+               max_length: int | None = None, answer_logits_only: bool = True,
+               output_dir: str | os.PathLike | None = None, resume_from_checkpoint: bool = False) -> LearnReport:
     """Both stages for one new task, then the route phase over the whole library.
+
+    With ``output_dir``, each stage keeps Trainer checkpoints in ``output_dir/expert`` and ``output_dir/router``
+    (every ``save_steps`` of its args, and at its end); ``resume_from_checkpoint=True`` then continues each stage
+    from its latest checkpoint, so a killed run, started again, ends with the weights of an uninterrupted one.
 
     Args:
         model: a routed-LoRA PeftModel.
@@ -151,14 +161,17 @@ def learn_task(model, expert: str, data, processor, *, config: RoutingLoraConfig
         max_length: cut longer prompts from the left.
         answer_logits_only: run the LM head on the answer positions only (where the model takes
             ``logits_to_keep``).
+        output_dir: where the stages keep their checkpoints (none are kept without it).
+        resume_from_checkpoint: continue each stage from its latest checkpoint in ``output_dir``, if it has one.
     """
     examples = as_examples(data)
     common = dict(max_length=max_length, answer_logits_only=answer_logits_only)
     tuner = _routing_tuner(model)
+    expert_args, router_args = (_checkpointed(args, output_dir, stage, resume_from_checkpoint)
+                                for args, stage in ((expert_args, "expert"), (router_args, "router")))
     with rolled_back_on_failure(tuner, expert):
-        expert_report = train_expert(model, expert, examples, processor, config=config, **common,
-                                     **(expert_args or {}))
-        router_report = train_router(model, expert, examples, processor, **common, **(router_args or {}))
+        expert_report = train_expert(model, expert, examples, processor, config=config, **common, **expert_args)
+        router_report = train_router(model, expert, examples, processor, **common, **router_args)
         tuner.set_phase("route")
     return LearnReport(expert_report, router_report)
 
@@ -220,6 +233,22 @@ def _routing_tuner(model) -> RoutingLoraModel:
 
 
 
+def _checkpointed(args: dict[str, Any] | None, output_dir, stage: str, resume: bool) -> dict[str, Any]:
+    """A stage's TrainingArguments fields with its checkpoint folder and, when resuming, its latest checkpoint."""
+    values = dict(args or {})
+    if output_dir is None:
+        if resume:
+            raise ValueError("resume_from_checkpoint=True needs the output_dir the checkpoints were written to.")
+        return values
+    folder = Path(output_dir) / stage
+    values.setdefault("output_dir", str(folder))
+    values.setdefault("save_strategy", "steps")
+    latest = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
+    if latest is not None:
+        values.setdefault("resume_from_checkpoint", latest)
+    return values
+
+
 def _stage_args(defaults: dict[str, Any], training_args: TrainingArguments | None, overrides: dict[str, Any],
                 output_dir: str) -> TrainingArguments:
     if training_args is not None:
@@ -245,12 +274,45 @@ def _run_stage(model, phase: str, expert: str, data, processor, defaults, traini
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peft-routing-") as scratch:
         args = _stage_args(defaults, training_args, overrides, scratch)
+        _check_checkpoints_are_kept(args, scratch)
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
-        with warnings.catch_warnings():
-            # Trainer itself calls this deprecated transformers property; the warning is not the user's to fix
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
-            output = trainer.train()
+        resume = args.resume_from_checkpoint  # a TrainingArguments field Trainer reads only from train()'s argument
+        if resume is True:
+            resume = get_last_checkpoint(args.output_dir)
+        finished = _finished_state(resume)
+        if finished is not None:
+            # Trainer resumed at its last step still runs one more; the weights are all a finished stage needs
+            trainer._load_from_checkpoint(resume)
+            trainer.state, steps = finished, finished.global_step
+        else:
+            with warnings.catch_warnings():
+                # Trainer itself calls this deprecated transformers property; the warning is not the user's to fix
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                steps = trainer.train(resume_from_checkpoint=resume).global_step
     model.eval()
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-    return StageReport(expert, phase, output.global_step, time.perf_counter() - start, len(examples), losses)
+    return StageReport(expert, phase, steps, time.perf_counter() - start, len(examples), losses)
+
+
+def _finished_state(checkpoint: str | None) -> TrainerState | None:
+    """The Trainer state of a checkpoint written at the end of its run, None for any other (or no) checkpoint."""
+    if not checkpoint:
+        return None
+    state_file = Path(checkpoint) / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    return state if state.max_steps > 0 and state.global_step >= state.max_steps else None
+
+
+def _check_checkpoints_are_kept(args: TrainingArguments, scratch: str) -> None:
+    """Checkpoints, and a resume from the latest one, need a folder of the user's: the scratch one is deleted."""
+    if args.output_dir != scratch:
+        return
+    if args.save_strategy != "no":
+        raise ValueError(f"save_strategy={str(args.save_strategy)!r} writes checkpoints, but no output_dir was "
+                         "given: they would be deleted on return. Pass output_dir=... to keep them.")
+    if args.resume_from_checkpoint is True:
+        raise ValueError("resume_from_checkpoint=True resumes from the latest checkpoint in output_dir; pass "
+                         "output_dir=... (or the checkpoint's path instead of True).")
