@@ -9,6 +9,7 @@ the machine's noise. Peak memory is the peak RSS of a fresh process that builds 
     python benchmarks/routing_speed.py            # full run (~12 min on 2 cores) -> results/routing_speed.json
     python benchmarks/routing_speed.py --quick    # a smoke run on a smaller model
     python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~5 min)
+    python benchmarks/routing_speed.py --parts compiled   # torch.compile of base and ours, with compile times
     python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
 
 ``ours`` is the default dispatch (on a CPU the compiled C++ kernel, on a GPU the Triton kernels) and ``ours_torch``
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import random
 import resource
 import statistics
@@ -46,7 +49,7 @@ from peft_routing.ops import (
 
 TARGETS = LLAMA_PROJECTIONS
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_PARTS = ("layer", "whole", "routers", "decode", "calls")
+ALL_PARTS = ("layer", "whole", "routers", "decode", "calls", "compiled")
 
 
 @dataclass
@@ -253,6 +256,38 @@ def routers(setup: Setup) -> dict:
 
             systems[f"{label}:N={n},k=2"] = (prepare, forward_fn(model, ids))
     return time_side_by_side(systems, setup.reps)
+
+
+def compiled(setup: Setup) -> dict:
+    """torch.compile (inductor, default mode) of the base model and of ours at N = 8 / 64, top-2, next to eager;
+    each compiled row also records its compile time (the first call)."""
+    ids = _token_ids(setup, setup.tokens, seed=0)
+    names = ["base"] + [f"ours:N={n},k=2" for n in setup.library_sizes if n in (8, 64)]
+    systems, compile_seconds = {}, {}
+    for name in names:
+        model = built(name, setup)
+        if name != "base":
+            model.set_phase("route", top_k=2)
+            model.set_routing_strategy("auto")
+        systems[name] = forward_fn(model, ids)
+        compiled_model = torch.compile(model)
+        start = time.perf_counter()
+        forward_fn(compiled_model, ids)()
+        compile_seconds[f"compiled:{name}"] = time.perf_counter() - start
+        systems[f"compiled:{name}"] = forward_fn(compiled_model, ids)
+    timed = time_side_by_side(systems, setup.reps)
+    for name, seconds in compile_seconds.items():
+        timed[name]["compile_s"] = seconds
+    return timed
+
+
+def _print_compiled(timed: dict) -> None:
+    print("\ntorch.compile (inductor) against eager, whole model, top-2")
+    print(f"{'system':<26}{'ms':>9}{'x base':>9}{'x compiled base':>17}{'compile s':>11}")
+    for name, row in timed.items():
+        versus = row["ms"] / timed["compiled:base"]["ms"]
+        compile_s = f"{row['compile_s']:>11.1f}" if "compile_s" in row else ""
+        print(f"{name:<26}{row['ms']:>9.1f}{row['ratio']:>9.3f}{versus:>17.3f}{compile_s}")
 
 
 def _random_prototypes(model) -> None:
@@ -535,8 +570,8 @@ def main() -> None:
         torch.set_num_threads(2)
     started = time.time()
     result = {"setup": vars(setup), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device": _device_name(setup.device)}
-    print(f"setup: {setup}", flush=True)
+              "device": _device_name(setup.device), "cpu": _cpu_description()}
+    print(f"setup: {setup}\ncpu: {result['cpu']}", flush=True)
     parts = args.parts.split(",")
     if "layer" in parts:
         result["layer"] = layer_micro(setup)
@@ -558,6 +593,9 @@ def main() -> None:
     if "calls" in parts:
         result["layer_calls"] = layer_calls(setup)
         _print_calls(result["layer_calls"])
+    if "compiled" in parts:
+        result["compiled"] = compiled(setup)
+        _print_compiled(result["compiled"])
     result["seconds"] = time.time() - started
     out = args.out or RESULTS / _result_name(setup, args.quick, parts)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -574,6 +612,21 @@ def _result_name(setup: Setup, quick: bool, parts: list[str]) -> str:
     if sorted(parts) != sorted(ALL_PARTS):
         name += sorted(parts)
     return "_".join(name) + ".json"
+
+
+def _cpu_description() -> dict:
+    """The CPU's model, cores and vector ISA (speed ratios differ between AVX2 and AVX-512 machines)."""
+    flags, model = set(), platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                flags = set(value.split())
+            elif key.strip() == "model name":
+                model = value.strip()
+    vector = sorted(flag for flag in flags if flag.startswith(("avx", "fma", "sve", "asimd", "neon", "amx")))
+    return {"model": model, "cores": os.cpu_count(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "vector_flags": vector}
 
 
 def _device_name(device: str) -> str:

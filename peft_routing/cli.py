@@ -28,6 +28,7 @@ PEFT adapter folder in a library directory; at inference every token is routed t
   peft-routing pull --library lib --repo you/sentiment-expert
   peft-routing remove --library lib --expert sentiment
   peft-routing repair --library lib                     # finish what an interrupted learn/pull/remove left
+  peft-routing build-kernel                             # compile the CPU kernel now, not at first use
 
 Data files are JSONL, one example per line: {"prompt": ..., "response": ...} or {"messages": [{"role", "content"},
 ...]} (the last message is the answer), with optional "image"/"images" (paths relative to the file) for
@@ -438,9 +439,32 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _build_kernel_parser(commands) -> None:
+    _command(commands, "build-kernel", "compile the route phase's CPU kernel now, instead of at first use", """\
+        The route phase on a CPU runs a C++ kernel that PyTorch's extension builder compiles for this machine's
+        vector units the first time it is needed (about a minute on 2 cores, then cached under
+        ~/.cache/torch_extensions or TORCH_EXTENSIONS_DIR). Run this once after installing, or in a container
+        image's build step, so that no first request waits for the compiler. Prints where the build lives, or why
+        it could not be built (the PyTorch path then runs instead).
+        """, _run_build_kernel)
+
+
+def _run_build_kernel(args) -> int:
+    from .ops import cpu_kernel
+
+    if not cpu_kernel.enabled():
+        print("PEFT_ROUTING_CPU_KERNEL=0: the CPU kernel is switched off; nothing to build")
+        return 0
+    if not cpu_kernel.ready():
+        print("the CPU kernel could not be built here (see the warning); the route phase runs the PyTorch path")
+        return 1
+    print(f"the CPU kernel is built: {cpu_kernel.build_directory()}")
+    return 0
+
+
 _COMMAND_PARSERS = (_learn_parser, _generate_parser, _eval_parser, _inspect_parser, _push_parser, _pull_parser,
-                    _remove_parser, _repair_parser, _demo_parser)
-COMMANDS = tuple(add.__name__.strip("_").removesuffix("_parser") for add in _COMMAND_PARSERS)
+                    _remove_parser, _repair_parser, _build_kernel_parser, _demo_parser)
+COMMANDS = tuple(add.__name__.strip("_").removesuffix("_parser").replace("_", "-") for add in _COMMAND_PARSERS)
 
 
 if __name__ == "__main__":  # pragma: no cover

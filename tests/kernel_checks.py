@@ -159,6 +159,22 @@ def check_model():
         COMPARED.append(n)
 
 
+def check_compiled():
+    """torch.compile(fullgraph=True) of a routed model on the Triton strategy: no graph break, the eager logits."""
+    from testing_utils import make_library, token_batch
+
+    torch._dynamo.reset()
+    model = make_library("llama", n_experts=6, ranks=[4, 8], seed=6).to(DEVICE)
+    model.set_phase("route", top_k=2)
+    model.set_routing_strategy("triton")
+    ids = token_batch(2, 5, seed=6).to(DEVICE)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    COMPARED.append(6)
+
+
 def check_opcheck():
     """The custom op's declared mutation of ``out`` and its fake kernel (torch.compile traces with it) match the op."""
     stack = _stack(5, 4, 20, 70, 9, torch.float32)
@@ -172,7 +188,7 @@ def check_opcheck():
 
 if __name__ == "__main__":
     checks = {"route": check_route, "sorted": check_sorted, "dense": check_dense, "align": check_align,
-              "model": check_model, "opcheck": check_opcheck}
+              "model": check_model, "compiled": check_compiled, "opcheck": check_opcheck}
     checks[sys.argv[1]]()
     nonempty = sum(1 for t in COMPARED if t)
     assert nonempty >= max(1, len(COMPARED) // 3), f"only {nonempty} non-empty cases were compared: {COMPARED}"

@@ -159,3 +159,28 @@ def test_op_schema_and_fake_kernel_pass_torch_opcheck():
     stack = _stack(5, 4, 20, 70, 9)
     args = (torch.zeros(6, 70), torch.randn(6, 20), torch.randn(6, 5), stack.a, stack.b_t, stack.scales, 2, True, 1.0)
     torch.library.opcheck(torch.ops.peft_routing.routed_lora_.default, args)
+
+
+def test_the_first_build_says_so_on_the_terminal_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension
+
+    assert cpu_kernel.ready()  # the real build, so that the op is registered
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: None)
+    monkeypatch.setattr(cpu_kernel, "build_directory", lambda: tmp_path)
+    cpu_kernel.is_built.cache_clear()
+    try:
+        assert cpu_kernel.is_built()
+        said = capsys.readouterr().err
+        assert "compiling the CPU kernel" in said and "build-kernel" in said and "CPU kernel ready" in said
+        (tmp_path / f"{cpu_kernel._build_name()}.so").touch()
+        cpu_kernel.is_built.cache_clear()
+        assert cpu_kernel.is_built() and capsys.readouterr().err == ""
+    finally:
+        cpu_kernel.is_built.cache_clear()
+
+
+def test_build_kernel_command_builds_ahead(capsys):
+    from peft_routing.cli import main
+
+    assert main(["build-kernel"]) == 0
+    assert str(cpu_kernel.build_directory()) in capsys.readouterr().out

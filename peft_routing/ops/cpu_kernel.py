@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from .settings import RoutingSettings
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "routed_lora.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for; native: the build stays on this CPU
-logger = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -49,7 +49,19 @@ def supports(tokens: torch.Tensor, stack: ExpertStack, out: torch.Tensor) -> boo
         return False
     if torch.is_grad_enabled() and (tokens.requires_grad or stack.requires_grad):
         return False
-    return enabled() and is_built()
+    if torch.compiler.is_compiling():
+        return _ready  # torch.compile cannot trace a build: what the last eager call found
+    return ready()
+
+
+_ready = False  # the last answer of ready(), for torch.compile's traces
+
+
+def ready() -> bool:
+    """Enabled and built here (building it now, once per process, if need be)."""
+    global _ready
+    _ready = enabled() and is_built()
+    return _ready
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,7 +69,11 @@ def is_built() -> bool:
     """Build (or load the cached build of) the kernel once per process; False, with one warning, if it fails."""
     from torch.utils.cpp_extension import load
 
-    logger.info("peft-routing: loading the CPU kernel (compiled once per machine, then cached)")
+    fresh = not (build_directory() / f"{_build_name()}.so").exists()
+    if fresh:  # a minute of silence on first use looks like a hang: say what is happening
+        print("peft-routing: compiling the CPU kernel for this machine (once; about a minute; cached in "
+              f"{build_directory()}; `peft-routing build-kernel` does it ahead)", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     try:
         _put_ninja_on_path()
         load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
@@ -68,7 +84,16 @@ def is_built() -> bool:
                       f"({type(error).__name__}: {str(error)[:300]}). Install a C++ compiler (g++) to get it, or set "
                       "PEFT_ROUTING_CPU_KERNEL=0 to skip the attempt.", RuntimeWarning, stacklevel=2)
         return False
+    if fresh:
+        print(f"peft-routing: CPU kernel ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return True
+
+
+def build_directory() -> Path:
+    """Where PyTorch's extension builder keeps this machine's build of the kernel."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(_build_name(), verbose=False))
 
 
 @functools.lru_cache(maxsize=1)  # once per process: a second registration is an error

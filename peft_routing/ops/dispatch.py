@@ -36,8 +36,8 @@ def choose_strategy(num_pairs: int, stack: ExpertStack) -> str:
     """
     if num_pairs <= GATHER_MAX_PAIRS:
         return "gather"
-    if stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS:
-        return "dense"
+    if stack.num_experts * stack.r_max <= DENSE_MAX_COLUMNS or torch.compiler.is_compiling():
+        return "dense"  # under torch.compile too: sorting needs each expert's count on the host, a graph break
     return "sorted"
 
 

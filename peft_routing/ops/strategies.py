@@ -72,7 +72,8 @@ def gather(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, 
            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, Routes]:
     """Only the chosen experts' A and B are read: gathered copies and two bmm, or, for at most FEW_PAIRS pairs,
     matrix-vector products on views (a third of the ops: on a CPU each small op costs more than its arithmetic)."""
-    if tokens.shape[0] * min(settings.top_k, stack.num_experts) <= FEW_PAIRS:
+    # (picked in Python from host copies of the scores, which a torch.compile graph cannot hold)
+    if tokens.shape[0] * min(settings.top_k, stack.num_experts) <= FEW_PAIRS and not torch.compiler.is_compiling():
         decoded = _few_pairs(tokens, stack, settings, out, bias)
         if decoded is not None:
             return decoded

@@ -54,7 +54,10 @@ class RoutingLinear(LoraLinear):
 
     def expert_stack(self) -> ExpertStack:
         """The layer's experts stacked for the route phase, synced only when the library or its tensors changed."""
-        if self._expert_stack is None or not self._expert_stack.follows(self):
+        # under torch.compile the stack is trusted: every library change and dtype/device move re-syncs or drops it
+        stale = self._expert_stack is None or (
+            not torch.compiler.is_compiling() and not self._expert_stack.follows(self))
+        if stale:
             self.sync_expert_stack()
         return self._expert_stack
 

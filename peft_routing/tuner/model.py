@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..io.hub import push_folder_to_hub, resolve_expert_folder
+from ..ops import cpu_kernel
 from ..ops.dispatch import STRATEGIES
 from ..ops.settings import RoutingSettings
 from .config import RoutingLoraConfig
@@ -93,9 +94,17 @@ class RoutingLoraModel(LoraModel):
         self.peft_config = ExpertConfigs(self.peft_config)
         self.model.peft_config = self.peft_config
         # every forward of the base model holds the library unchanged, by whichever PEFT path it is called
-        self.model.register_forward_pre_hook(lambda module, args: self.library_lock.acquire_read())
-        self.model.register_forward_hook(lambda module, args, output: self.library_lock.release_read(),
-                                         always_call=True)
+        self.model.register_forward_pre_hook(self._hold_library)
+        self.model.register_forward_hook(self._release_library, always_call=True)
+
+    def _hold_library(self, module, args) -> None:
+        # torch.compile cannot trace a thread lock: a compiled forward holds none (README, "Threads")
+        if not torch.compiler.is_compiling():
+            self.library_lock.acquire_read()
+
+    def _release_library(self, module, args, output) -> None:
+        if not torch.compiler.is_compiling():
+            self.library_lock.release_read()
 
     def generate(self, *args, **kwargs):
         """The model's ``generate``, with the library held unchanged for the whole call (every step routes alike)."""
@@ -262,6 +271,14 @@ class RoutingLoraModel(LoraModel):
             self.set_adapter(expert)
         self._routing_phase, self._train_phase = phase, phase != "route"
         self._apply_phase()
+        if phase == "route":
+            self._prepare_cpu_kernel()
+
+    def _prepare_cpu_kernel(self) -> None:
+        """Build (or load) the CPU kernel now, not inside the first forward or a torch.compile trace of it."""
+        layers = self.routing_layers()
+        if layers and layers[0].base_layer.weight.device.type == "cpu" and cpu_kernel.enabled():
+            cpu_kernel.ready()
 
     @_changes_library
     def set_routing_strategy(self, strategy: str) -> None:
