@@ -342,9 +342,10 @@ def _token_ids(setup: Setup, length: int, seed: int) -> torch.Tensor:
 
 
 def _our_strategies(setup: Setup) -> list[tuple[str, str]]:
-    """(label, strategy): the default dispatch (a compiled kernel: Triton on a GPU, the C++ kernel on a CPU) and
-    the PyTorch path on the same model."""
-    return [("ours", "auto"), ("ours_torch", "torch")]
+    """(label, strategy): the default dispatch (on a GPU the Triton kernels; on a CPU the C++ kernel or the PyTorch
+    path, whichever measured faster per shape), the PyTorch path and, on a CPU, the C++ kernel forced."""
+    kernel = [("ours_kernel", "cpu_kernel")] if setup.device == "cpu" else []
+    return [("ours", "auto"), ("ours_torch", "torch"), *kernel]
 
 
 def _with_routing(model, k: int, strategy: str, run) -> tuple:
@@ -596,6 +597,10 @@ def main() -> None:
     if "compiled" in parts:
         result["compiled"] = compiled(setup)
         _print_compiled(result["compiled"])
+    from peft_routing.ops import cpu_kernel, measured_choice
+
+    result["cpu_kernel_isa"] = cpu_kernel.isa()
+    result["measured_choices"] = {",".join(map(str, key)): path for key, path in measured_choice.measured().items()}
     result["seconds"] = time.time() - started
     out = args.out or RESULTS / _result_name(setup, args.quick, parts)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -626,7 +631,9 @@ def _cpu_description() -> dict:
                 model = value.strip()
     vector = sorted(flag for flag in flags if flag.startswith(("avx", "fma", "sve", "asimd", "neon", "amx")))
     return {"model": model, "cores": os.cpu_count(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "vector_flags": vector}
+            "vector_flags": vector, "emulated_isa_env": {name: os.environ[name] for name in (
+                "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "PEFT_ROUTING_CPU_ISA")
+                if name in os.environ}}
 
 
 def _device_name(device: str) -> str:

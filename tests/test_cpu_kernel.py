@@ -97,6 +97,7 @@ def test_skewed_routing_and_thread_counts_give_the_same_result():
 
 
 def test_auto_uses_the_kernel_only_where_it_applies(monkeypatch):
+    monkeypatch.setenv("PEFT_ROUTING_MEASURE", "0")  # where it applies, unmeasured (measuring: the next test)
     stack = _stack(4, 4, 16, 16, 6)
     x = torch.randn(5, 16)
     routing = RoutingSettings(top_k=2)
@@ -184,3 +185,32 @@ def test_build_kernel_command_builds_ahead(capsys):
 
     assert main(["build-kernel"]) == 0
     assert str(cpu_kernel.build_directory()) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("slow", ["cpu_kernel", "dense"])
+def test_auto_keeps_the_path_that_measured_faster_and_adds_the_delta_once(monkeypatch, slow):
+    import time
+
+    from peft_routing.ops import measured_choice, strategies
+
+    monkeypatch.setattr(measured_choice, "_choices", {})
+    stack = _stack(4, 4, 16, 16, 11)  # 4 experts x r 4: the PyTorch path's choice is dense
+    x, base = torch.randn(12, 16), torch.randn(12, 16)  # 24 pairs: dense, not gather
+    routing = RoutingSettings(top_k=2)
+    module = cpu_kernel if slow == "cpu_kernel" else strategies
+    real, calls = getattr(module, "routed_lora_" if slow == "cpu_kernel" else "dense"), []
+
+    def slowed(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "routed_lora_" if slow == "cpu_kernel" else "dense", slowed)
+    got, _ = routed_forward(x, stack, routing, "auto", out=base.clone())
+    want, _ = routed_forward(x, stack, routing, "loop", out=base.clone())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # the timed calls wrote into scratch copies
+    chosen = set(measured_choice.measured().values())
+    assert chosen == {"dense" if slow == "cpu_kernel" else "cpu_kernel"}, measured_choice.measured()
+    measured_calls = len(calls)
+    routed_forward(x[:9], stack, routing, "auto", out=base[:9].clone())  # 9 tokens round up to 16, as 12 do
+    assert len(calls) == measured_calls  # remembered, not measured again, and the slow path not taken

@@ -33,8 +33,9 @@ def test_two_processes_train_the_same_expert_and_save_it_once(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in task_records("A", "yes", n=32)))
     out = tmp_path / "expert"
     torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = str(torchrun if torchrun.exists() else "torchrun")
     done = subprocess.run(
-        [str(torchrun if torchrun.exists() else "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [launcher, "--nproc_per_node", "2", "--master_port", str(_free_port()),
          str(EXAMPLE), "--base", str(base), "--data", str(data), "--name", "alpha", "--out", str(out), "--cpu",
          "--steps", "6"],
         capture_output=True, text=True, timeout=300)

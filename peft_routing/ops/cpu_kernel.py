@@ -27,6 +27,16 @@ from .settings import RoutingSettings
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "routed_lora.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for; native: the build stays on this CPU
+# PEFT_ROUTING_CPU_ISA=avx2 builds without AVX-512 on a machine that has it: to time what an AVX2-only CPU runs
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+
+
+def isa() -> str:
+    """The vector ISA the kernel is built for: ``native`` (this CPU's best) or ``avx2`` (PEFT_ROUTING_CPU_ISA)."""
+    chosen = os.environ.get("PEFT_ROUTING_CPU_ISA", "native")
+    if chosen not in ISA_FLAGS:
+        raise ValueError(f"PEFT_ROUTING_CPU_ISA={chosen!r}; use one of {sorted(ISA_FLAGS)}.")
+    return chosen
 
 
 def enabled() -> bool:
@@ -71,13 +81,13 @@ def is_built() -> bool:
 
     fresh = not (build_directory() / f"{_build_name()}.so").exists()
     if fresh:  # a minute of silence on first use looks like a hang: say what is happening
-        print("peft-routing: compiling the CPU kernel for this machine (once; about a minute; cached in "
+        print("peft-routing: compiling the CPU kernel for this machine (once; seconds to a minute; cached in "
               f"{build_directory()}; `peft-routing build-kernel` does it ahead)", file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:
         _put_ninja_on_path()
-        load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-             is_python_module=False)
+        load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS + ISA_FLAGS[isa()],
+             extra_ldflags=["-fopenmp"], is_python_module=False)
         _register_fake()
     except Exception as error:  # no compiler or ninja, an unsupported platform or compiler: fall back
         warnings.warn(f"peft-routing could not build its CPU kernel, so the route phase runs the slower PyTorch path "
@@ -119,7 +129,8 @@ def _build_name() -> str:
     if Path("/proc/cpuinfo").exists():
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
         cpu += "".join(line for line in lines if line.startswith(("model name", "flags")))[:4096]
-    return "peft_routing_cpu_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
+    suffix = "" if isa() == "native" else f"_{isa()}"
+    return "peft_routing_cpu_" + hashlib.sha1(cpu.encode()).hexdigest()[:10] + suffix
 
 
 def routed_lora_(tokens: torch.Tensor, scores: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,

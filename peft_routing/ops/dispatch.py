@@ -1,7 +1,8 @@
 """``routed_forward``: the route phase of one layer, sent to the fastest path that applies to its tensors.
 
-Two paths are compiled kernels, the default wherever they run: ``triton`` (CUDA tensors; ``triton_path``) and
-``cpu_kernel`` (float32 CPU tensors without autograd, where a C++ compiler is found; ``cpu_kernel``). Elsewhere
+Two paths are compiled kernels: ``triton`` (CUDA tensors; ``triton_path``), the default wherever it runs, and
+``cpu_kernel`` (float32 CPU tensors without autograd, where a C++ compiler is found; ``cpu_kernel``), which ``auto``
+takes where it measured faster than the PyTorch path for the call's shape (``measured_choice``). Elsewhere
 ``auto`` picks a PyTorch strategy (``strategies``) by the call's size; ``torch`` does the same but never takes a
 compiled kernel, to compare with them. Every strategy gives the same result up to float rounding.
 """
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-from . import cpu_kernel, strategies, triton_path
+from . import cpu_kernel, measured_choice, strategies, triton_path
 from .expert_stack import ExpertStack
 from .prototypes import PrototypeDecision
 from .routing import Routes
@@ -93,6 +94,19 @@ def _routed(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
     return strategies.loop(tokens, stack, settings, out, bias)
 
 
+def _kernel_or_torch(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor, k: int,
+                     biased: bool) -> str:
+    """The CPU kernel or the PyTorch path's strategy, whichever measured faster for this shape (``measured_choice``)."""
+    pytorch = choose_strategy(tokens.shape[0] * k, stack)
+    if not measured_choice.enabled():
+        return "cpu_kernel"
+    bias = torch.zeros(tokens.shape[0], stack.num_experts, dtype=tokens.dtype) if biased else None
+    candidates = {name: (lambda name=name: _routed(tokens, stack, settings, name, out.clone(), bias))
+                  for name in ("cpu_kernel", pytorch)}
+    key = measured_choice.shape_key(tokens, stack.num_experts, stack.r_max, out.shape[-1], k) + (biased,)
+    return measured_choice.faster(key, candidates)
+
+
 def _resolve(strategy: str, tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
              out: torch.Tensor, biased: bool = False) -> str:
     """``auto`` and ``torch`` made concrete; a forced compiled kernel that cannot run raises.
@@ -108,7 +122,7 @@ def _resolve(strategy: str, tokens: torch.Tensor, stack: ExpertStack, settings: 
     if strategy == "auto" and triton_wanted and not biased:
         return "triton"
     if strategy == "auto" and cpu_kernel.supports(tokens, stack, out):
-        return "cpu_kernel"
+        return _kernel_or_torch(tokens, stack, settings, out, k, biased)
     if strategy == "cpu_kernel" and not cpu_kernel.supports(tokens, stack, out):
         raise ValueError("The CPU kernel takes float32 CPU tensors without autograd, a contiguous output and a C++ "
                          "compiler to build it (see the warning, if any); use strategy 'auto' or 'torch' otherwise.")
