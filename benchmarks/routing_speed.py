@@ -49,7 +49,7 @@ from peft_routing.ops import (
 
 TARGETS = LLAMA_PROJECTIONS
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_PARTS = ("layer", "whole", "routers", "decode", "calls", "compiled")
+ALL_PARTS = ("layer", "whole", "routers", "decode", "prefill", "calls", "compiled")
 
 
 @dataclass
@@ -357,27 +357,47 @@ def _with_routing(model, k: int, strategy: str, run) -> tuple:
     return prepare, run
 
 
+DECODE_BATCHES = (1, 8, 16)
+PREFILL_TOKENS = 2048
+
+
 def decode(setup: Setup) -> dict:
-    """Per-token latency of greedy generation, batch 1, base vs ours (N experts, k=2), with the KV cache."""
-    prompt = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(1)).to(setup.device)
+    """Per-token latency of greedy generation with the KV cache at batch 1 / 8 / 16: base, one PEFT LoRA, and ours
+    (N experts, k=2), each batch timed side by side."""
     n = setup.decode_experts
     routed = built(f"ours:N={n},k=2", setup)
+    by_batch = {}
+    for batch in DECODE_BATCHES:
+        prompt = torch.randint(0, 8192, (batch, 16), generator=torch.Generator().manual_seed(1)).to(setup.device)
 
-    def generate(model):
-        def run():
-            with torch.no_grad():
-                model.generate(input_ids=prompt, max_new_tokens=setup.decode_tokens,
-                               min_new_tokens=setup.decode_tokens, do_sample=False, pad_token_id=0)
-            _synchronize(prompt.device)
-        return run
+        def generate(model, prompt=prompt):
+            def run():
+                with torch.no_grad():
+                    model.generate(input_ids=prompt, max_new_tokens=setup.decode_tokens,
+                                   min_new_tokens=setup.decode_tokens, do_sample=False, pad_token_id=0)
+                _synchronize(prompt.device)
+            return run
 
-    systems = {"base": generate(built("base", setup))}
+        systems = {"base": generate(built("base", setup)), "peft_lora:N=1": generate(built("peft_lora:N=1", setup))}
+        for label, strategy in _our_strategies(setup):
+            systems[f"{label}:N={n},k=2"] = _with_routing(routed, 2, strategy, generate(routed))
+        timed = time_side_by_side(systems, max(3, setup.reps // 2))
+        for row in timed.values():
+            row["ms_per_token"] = row["ms"] / setup.decode_tokens
+        by_batch[f"batch={batch}"] = timed
+    return by_batch
+
+
+def prefill(setup: Setup) -> dict:
+    """One forward of a PREFILL_TOKENS-token prompt: base, one PEFT LoRA, and ours at N = decode_experts, k=2."""
+    n = setup.decode_experts
+    ids = _token_ids(setup, PREFILL_TOKENS, seed=2)
+    systems = {"base": forward_fn(built("base", setup), ids),
+               "peft_lora:N=1": forward_fn(built("peft_lora:N=1", setup), ids)}
+    routed = built(f"ours:N={n},k=2", setup)
     for label, strategy in _our_strategies(setup):
-        systems[f"{label}:N={n},k=2"] = _with_routing(routed, 2, strategy, generate(routed))
-    timed = time_side_by_side(systems, max(3, setup.reps // 2))
-    for row in timed.values():
-        row["ms_per_token"] = row["ms"] / setup.decode_tokens
-    return timed
+        systems[f"{label}:N={n},k=2"] = _with_routing(routed, 2, strategy, forward_fn(routed, ids))
+    return time_side_by_side(systems, max(3, setup.reps // 2))
 
 
 def peak_memory(setup: Setup, names: list[str], quick: bool) -> dict[str, float]:
@@ -591,6 +611,9 @@ def main() -> None:
     if "decode" in parts:
         result["decode"] = decode(setup)
         _print_decode(result["decode"])
+    if "prefill" in parts:
+        result["prefill"] = prefill(setup)
+        _print_prefill(result["prefill"])
     if "calls" in parts:
         result["layer_calls"] = layer_calls(setup)
         _print_calls(result["layer_calls"])
@@ -693,10 +716,17 @@ def _print_memory_growth(peaks: dict[str, float], expert_mib: float) -> None:
           f"({(grown - weights) / weights:+.1%})")
 
 
-def _print_decode(rows) -> None:
-    print("\ndecode, batch 1, KV cache (ms per generated token)")
+def _print_decode(by_batch) -> None:
+    print("\ndecode, KV cache (ms per generated token, cost / base)")
+    for batch, rows in by_batch.items():
+        for name, row in rows.items():
+            print(f"{batch:<10}{name:<24} {row['ms_per_token']:8.2f} {row['ratio']:7.2f}x")
+
+
+def _print_prefill(rows) -> None:
+    print(f"\nprefill of {PREFILL_TOKENS} tokens, one forward (cost / base)")
     for name, row in rows.items():
-        print(f"{name:<22} {row['ms_per_token']:8.2f} {row['ratio']:7.2f}x")
+        print(f"{name:<24} {row['ms']:9.1f} {row['ratio']:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -97,13 +97,16 @@ def _routed(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings,
 def _kernel_or_torch(tokens: torch.Tensor, stack: ExpertStack, settings: RoutingSettings, out: torch.Tensor, k: int,
                      biased: bool) -> str:
     """The CPU kernel or the PyTorch path's strategy, whichever measured faster for this shape (``measured_choice``)."""
-    pytorch = choose_strategy(tokens.shape[0] * k, stack)
     if not measured_choice.enabled():
         return "cpu_kernel"
+    key = measured_choice.shape_key(tokens, stack.num_experts, stack.r_max, out.shape[-1], k) + (biased,)
+    chosen = measured_choice.remembered(key)  # every call but the first of a shape: a dict lookup
+    if chosen is not None:
+        return chosen
+    pytorch = choose_strategy(tokens.shape[0] * k, stack)
     bias = torch.zeros(tokens.shape[0], stack.num_experts, dtype=tokens.dtype) if biased else None
     candidates = {name: (lambda name=name: _routed(tokens, stack, settings, name, out.clone(), bias))
                   for name in ("cpu_kernel", pytorch)}
-    key = measured_choice.shape_key(tokens, stack.num_experts, stack.r_max, out.shape[-1], k) + (biased,)
     return measured_choice.faster(key, candidates)
 
 

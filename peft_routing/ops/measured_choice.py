@@ -30,6 +30,11 @@ def shape_key(tokens: torch.Tensor, num_experts: int, r_max: int, d_out: int, k:
     return 1 << (num_tokens - 1).bit_length(), num_experts, r_max, tokens.shape[1], d_out, k
 
 
+def remembered(key: tuple) -> str | None:
+    """The path chosen for ``key`` so far in this process, None before its first measurement."""
+    return _choices.get(key)
+
+
 def faster(key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
     """The name of the fastest candidate for ``key``, measured on its first request and then remembered.
 
