@@ -20,10 +20,19 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));  // 16 floats, any alignment
-
+// The vector width and blocking follow the ISA the build targets: with AVX-512's 32 registers, 16-float vectors and
+// 4-pair blocks (16 shrink accumulators); elsewhere (AVX2's 16 ymm, NEON's 32 128-bit registers) 8-float vectors
+// and 2-pair blocks, so that the accumulators and the loaded rows still fit the register file and nothing spills.
+#if defined(__AVX512F__)
+#define PEFT_ROUTING_LANES 16
 constexpr int64_t kBlock = 4;     // pairs of one expert computed together: each A/B row is loaded once per block
+#else
+#define PEFT_ROUTING_LANES 8
+constexpr int64_t kBlock = 2;
+#endif
+constexpr int64_t kLanes = PEFT_ROUTING_LANES;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));  // kLanes floats, any alignment
+
 constexpr int64_t kRanks = 4;     // ranks per shrink step: kBlock x kRanks accumulators
 constexpr int64_t kVectors = 4;   // output vectors per expand step: kBlock x kVectors accumulators
 constexpr int64_t kColumns = kVectors * kLanes;
@@ -33,7 +42,7 @@ constexpr int64_t kMinFlopsPerTask = 1 << 16;  // below this, a parallel task co
 inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
-// Horizontal sums of kLanes vectors at once: a tree of 15 two-shuffle folds instead of kLanes serial chains of adds.
+// Horizontal sums of kLanes vectors at once: a tree of kLanes - 1 two-shuffle folds instead of kLanes serial sums.
 // A fold halves the partial sums per vector: in each block of 2W lanes, W partial sums of x, then W of y.
 typedef int32_t Lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
 template <int64_t W, int64_t Half>
@@ -50,16 +59,28 @@ inline Vec fold(Vec x, Vec y) {
   return __builtin_shuffle(x, y, first) + __builtin_shuffle(x, y, second);
 }
 // The tree leaves lane i holding the vector at the bit-reversed position i, so the inputs go in bit-reversed.
-constexpr int64_t reversed4(int64_t i) { return ((i & 1) << 3) | ((i & 2) << 1) | ((i & 4) >> 1) | ((i & 8) >> 3); }
-static_assert(kLanes == 16, "lane_sums is a 4-level tree");
+constexpr int64_t reversed(int64_t i) {
+  int64_t r = 0;
+  for (int64_t bit = 1; bit < kLanes; bit <<= 1, i >>= 1) r = (r << 1) | (i & 1);
+  return r;
+}
 // lane i of the result = the sum of v[i]'s lanes
+#if PEFT_ROUTING_LANES == 16
 inline Vec lane_sums(const Vec* v) {
   Vec u[8], s[4], q[2];
-  for (int64_t i = 0; i < 8; ++i) u[i] = fold<8>(v[reversed4(2 * i)], v[reversed4(2 * i + 1)]);
+  for (int64_t i = 0; i < 8; ++i) u[i] = fold<8>(v[reversed(2 * i)], v[reversed(2 * i + 1)]);
   for (int64_t i = 0; i < 4; ++i) s[i] = fold<4>(u[2 * i], u[2 * i + 1]);
   for (int64_t i = 0; i < 2; ++i) q[i] = fold<2>(s[2 * i], s[2 * i + 1]);
   return fold<1>(q[0], q[1]);
 }
+#else
+inline Vec lane_sums(const Vec* v) {
+  Vec u[4], s[2];
+  for (int64_t i = 0; i < 4; ++i) u[i] = fold<4>(v[reversed(2 * i)], v[reversed(2 * i + 1)]);
+  for (int64_t i = 0; i < 2; ++i) s[i] = fold<2>(u[2 * i], u[2 * i + 1]);
+  return fold<1>(s[0], s[1]);
+}
+#endif
 
 // torch.max's order: NaN above everything, then larger values; equal keys keep the lower index.
 inline bool beats(float v, float best) { return (v > best) || (std::isnan(v) && !std::isnan(best)); }
