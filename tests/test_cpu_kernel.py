@@ -214,3 +214,19 @@ def test_auto_keeps_the_path_that_measured_faster_and_adds_the_delta_once(monkey
     measured_calls = len(calls)
     routed_forward(x[:9], stack, routing, "auto", out=base[:9].clone())  # 9 tokens round up to 16, as 12 do
     assert len(calls) == measured_calls  # remembered, not measured again, and the slow path not taken
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or cpu_kernel.isa() != "native",
+                    reason="without AVX-512 the native build already is the 8-float variant")
+def test_the_8_float_variant_equals_the_equations_too():
+    """An AVX-512 machine builds the AVX2 variant (PEFT_ROUTING_CPU_ISA=avx2) and runs the kernel tests on it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PEFT_ROUTING_CPU_ISA="avx2")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                           "-k", "kernel_equals_the_equations or ties or bad_operands or opcheck"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
