@@ -167,7 +167,7 @@ def test_the_first_build_says_so_on_the_terminal_and_a_cached_one_is_silent(monk
 
     assert cpu_kernel.ready()  # the real build, so that the op is registered
     monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: None)
-    monkeypatch.setattr(cpu_kernel, "build_directory", lambda: tmp_path)
+    monkeypatch.setattr(cpu_kernel, "build_directory", lambda name=None: tmp_path)
     cpu_kernel.is_built.cache_clear()
     try:
         assert cpu_kernel.is_built()

@@ -167,28 +167,26 @@ def _qwen_vl_inputs(vision, g: torch.Generator, size: int = 16) -> dict:
                   mm_token_type_ids=(ids == IMAGE_TOKEN).long())
 
 
-def _qwen2_vl(g: torch.Generator) -> TinyVLM:
+def _qwen_family(config_class, model_class, vision: dict, g: torch.Generator) -> TinyVLM:
+    """Qwen2-VL and Qwen2.5-VL share one layout: ``model.language_model`` (M-RoPE) beside ``model.visual``."""
     text = dict(_LLAMA_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]})  # head_dim 8
+    config = config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                          video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                          vision_end_token_id=VISION_END)
+    return TinyVLM(model_class(config), _qwen_vl_inputs(config.vision_config, g), _text_only(g),
+                   "model.language_model", ["model.visual"])
+
+
+def _qwen2_vl(g: torch.Generator) -> TinyVLM:
     vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
-                           video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                           vision_end_token_id=VISION_END)
-    model = Qwen2VLForConditionalGeneration(config)
-    return TinyVLM(model, _qwen_vl_inputs(config.vision_config, g), _text_only(g), "model.language_model",
-                   ["model.visual"])
+    return _qwen_family(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, g)
 
 
 def _qwen2_5_vl(g: torch.Generator) -> TinyVLM:
-    text = dict(_LLAMA_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]})
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[0])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
-                              video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                              vision_end_token_id=VISION_END)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    return TinyVLM(model, _qwen_vl_inputs(config.vision_config, g), _text_only(g), "model.language_model",
-                   ["model.visual"])
+    return _qwen_family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, g)
 
 
 def _idefics_inputs(config, g: torch.Generator) -> dict:

@@ -79,14 +79,16 @@ def is_built() -> bool:
     """Build (or load the cached build of) the kernel once per process; False, with one warning, if it fails."""
     from torch.utils.cpp_extension import load
 
-    fresh = not (build_directory() / f"{_build_name()}.so").exists()
+    name = _build_name()
+    folder = build_directory(name)
+    fresh = not (folder / f"{name}.so").exists()
     if fresh:  # a minute of silence on first use looks like a hang: say what is happening
         print("peft-routing: compiling the CPU kernel for this machine (once; seconds to a minute; cached in "
-              f"{build_directory()}; `peft-routing build-kernel` does it ahead)", file=sys.stderr, flush=True)
+              f"{folder}; `peft-routing build-kernel` does it ahead)", file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:
         _put_ninja_on_path()
-        load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS + ISA_FLAGS[isa()],
+        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS + ISA_FLAGS[isa()],
              extra_ldflags=["-fopenmp"], is_python_module=False)
         _register_fake()
     except Exception as error:  # no compiler or ninja, an unsupported platform or compiler: fall back
@@ -99,11 +101,11 @@ def is_built() -> bool:
     return True
 
 
-def build_directory() -> Path:
-    """Where PyTorch's extension builder keeps this machine's build of the kernel."""
+def build_directory(name: str | None = None) -> Path:
+    """Where PyTorch's extension builder keeps this machine's build of the kernel (``name``: ``_build_name()``)."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(_build_name(), verbose=False))
+    return Path(_get_build_directory(name or _build_name(), verbose=False))
 
 
 @functools.lru_cache(maxsize=1)  # once per process: a second registration is an error

@@ -277,8 +277,8 @@ class RoutingLoraModel(LoraModel):
     def _prepare_cpu_kernel(self) -> None:
         """Build (or load) the CPU kernel now, not inside the first forward or a torch.compile trace of it."""
         layers = self.routing_layers()
-        if layers and layers[0].base_layer.weight.device.type == "cpu" and cpu_kernel.enabled():
-            cpu_kernel.ready()
+        if layers and layers[0].base_layer.weight.device.type == "cpu":
+            cpu_kernel.ready()  # False at once where PEFT_ROUTING_CPU_KERNEL=0
 
     @_changes_library
     def set_routing_strategy(self, strategy: str) -> None:
