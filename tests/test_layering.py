@@ -25,14 +25,14 @@ FORBIDDEN = {
 
 
 def module_files(root: Path) -> dict[str, Path]:
-    """Dotted module name -> file, for the package and the kernels folder (installed as peft_routing.kernels)."""
+    """Dotted module name -> file, for the package."""
     files = {}
-    for folder, package in ((root / "peft_routing", "peft_routing"), (root / "kernels", "peft_routing.kernels")):
-        for path in sorted(folder.rglob("*.py")):
-            parts = list(path.relative_to(folder).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            files[".".join([package, *parts])] = path
+    folder = root / "peft_routing"
+    for path in sorted(folder.rglob("*.py")):
+        parts = list(path.relative_to(folder).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        files[".".join(["peft_routing", *parts])] = path
     return files
 
 
@@ -154,7 +154,7 @@ def test_the_checks_catch_an_import_against_the_direction_and_a_cycle():
 def test_relative_imports_resolve_to_their_modules(tmp_path):
     package = tmp_path / "peft_routing"
     (package / "ops").mkdir(parents=True)
-    (tmp_path / "kernels").mkdir()
+    (package / "kernels").mkdir()
     (package / "__init__.py").write_text("from .ops import routing\n")
     (package / "ops" / "__init__.py").write_text("")
     (package / "ops" / "routing.py").write_text("from ..kernels import launch\nfrom . import settings\n")
@@ -162,8 +162,8 @@ def test_relative_imports_resolve_to_their_modules(tmp_path):
     (package / "tuner" / "__init__.py").write_text("")
     (package / "tuner" / "config.py").write_text("")
     (package / "ops" / "settings.py").write_text("def f():\n    from ..tuner import config\n")
-    (tmp_path / "kernels" / "__init__.py").write_text("")
-    (tmp_path / "kernels" / "launch.py").write_text("import torch\n")
+    (package / "kernels" / "__init__.py").write_text("")
+    (package / "kernels" / "launch.py").write_text("import torch\n")
     graph = import_graph(tmp_path)
     assert graph["peft_routing"][0] == {"peft_routing.ops.routing"}
     assert graph["peft_routing.ops.routing"][0] == {"peft_routing.kernels.launch", "peft_routing.ops.settings"}

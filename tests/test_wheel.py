@@ -19,8 +19,7 @@ def wheel_files(tmp_path_factory) -> list[str]:
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):  # a clean copy: no build/ or egg-info of an editable install
         shutil.copy2(REPO / name, source / name)
-    for name in ("peft_routing", "kernels"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "peft_routing", source / "peft_routing", ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     cwd = os.getcwd()
     os.chdir(source)
@@ -43,3 +42,9 @@ def test_wheel_holds_the_kernels_under_our_name_and_the_cpu_kernel_source(wheel_
     assert "peft_routing/ops/csrc/routed_lora.cpp" in wheel_files
     for wing in ("ops", "tuner", "io", "workflow", "demo"):
         assert f"peft_routing/{wing}/__init__.py" in wheel_files
+
+
+def test_no_top_level_kernels_folder_shadows_hugging_faces_package():
+    """Python puts the working directory first on sys.path (``python -c``, ``python -m pytest``): a ``kernels/``
+    folder at the repository root would hide the ``kernels`` package transformers imports, and break it."""
+    assert not (REPO / "kernels").exists()
