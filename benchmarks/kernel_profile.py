@@ -3,9 +3,11 @@
 Each layer call is captured in a CUDA graph and replayed, so the figures are the kernels' own cost without Python and
 launch overhead (eager mode at these shapes measures the host, not the GPU). Prints, for each library size N:
 the base matmul, the Triton path under each tile config, the PyTorch path where it is capturable, and the
-profiler's per-kernel times of the default config; writes JSON.
+profiler's per-kernel times of the default config; for decode-sized calls (up to launch.FUSED_MAX_TOKENS tokens) the
+fused kernel next to the unfused chain (route -> shrink -> expand); writes JSON.
 
-    python benchmarks/kernel_profile.py --tokens 512 4096 --sizes 8 64 256 --out kernel_profile.json
+    python benchmarks/kernel_profile.py --tokens 1 16 512 4096 --sizes 8 64 256 --out kernel_profile.json
+    python benchmarks/kernel_profile.py --tokens 1 16 4096 --sizes 64 --d-in 4096 --d-out 14336   # a 7B MLP layer
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from peft_routing.kernels import launch  # noqa: E402
 from routing_speed import random_stack  # noqa: E402
 
+from peft_routing.kernels import launch  # noqa: E402
 from peft_routing.ops import (
     RoutingSettings,  # noqa: E402
     routed_forward,  # noqa: E402
@@ -31,6 +33,7 @@ CONFIGS = {  # token count from which the launcher uses its tall tiles: never, a
     "tall": 0,
     "shipped": launch.TALL_FROM_TOKENS,
 }
+FUSED_MAX_TOKENS = launch.FUSED_MAX_TOKENS  # as shipped
 
 
 def graph_ms(fn, reps: int = 50) -> float:
@@ -72,7 +75,7 @@ def kernel_table(fn) -> list[tuple[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512, 4096])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--d-in", type=int, default=1024)
     parser.add_argument("--d-out", type=int, default=2816)
@@ -102,6 +105,14 @@ def main() -> None:
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is a finding
                     row[f"triton_{config}"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
             launch.TALL_FROM_TOKENS = CONFIGS["shipped"]
+            if tokens <= FUSED_MAX_TOKENS:  # one fused launch against the chain it replaces
+                for name, limit in (("fused", FUSED_MAX_TOKENS), ("unfused", -1)):
+                    launch.FUSED_MAX_TOKENS = limit
+                    try:
+                        row[f"triton_{name}"] = graph_ms(routed("triton")) / base
+                    except Exception as error:  # noqa: BLE001 - a kernel that does not compile is a finding
+                        row[f"triton_{name}"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+                launch.FUSED_MAX_TOKENS = FUSED_MAX_TOKENS
             try:
                 row["torch_dense"] = graph_ms(routed("dense")) / base
             except Exception as error:  # noqa: BLE001

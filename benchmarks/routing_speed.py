@@ -11,6 +11,8 @@ the machine's noise. Peak memory is the peak RSS of a fresh process that builds 
     python benchmarks/routing_speed.py --parts calls   # each strategy on the model's own layer calls (~5 min)
     python benchmarks/routing_speed.py --parts compiled   # torch.compile of base and ours, with compile times
     python benchmarks/routing_speed.py --device cuda --dtype bfloat16 [--batch 8]   # on a GPU: Triton vs PyTorch path
+    python benchmarks/routing_speed.py --device cuda --dtype bfloat16 --parts whole --hidden 4096 \
+        --intermediate 14336 --tokens 4096 --sizes 8,64   # a 7B model's layer sizes
 
 ``ours`` is the default dispatch (on a CPU the compiled C++ kernel, on a GPU the Triton kernels) and ``ours_torch``
 the PyTorch path on the same model. On a GPU peak memory is torch.cuda.max_memory_allocated in this process
@@ -579,8 +581,14 @@ def main() -> None:
                         help="library sizes N, comma-separated (default 1,8,64,256)")
     parser.add_argument("--parts", default=",".join(ALL_PARTS), help="which parts to run, comma-separated")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats of each system (default 7)")
+    parser.add_argument("--hidden", type=int, default=None, help="model width (default 1024; a 7B model: 4096)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2816; a 7B model: 14336)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default 512)")
     args = parser.parse_args()
     setup = replace(QUICK if args.quick else Setup(), device=args.device, dtype=args.dtype, batch=args.batch)
+    for name in ("hidden", "intermediate", "tokens"):
+        if getattr(args, name):
+            setup = replace(setup, **{name: getattr(args, name)})
     if args.sizes:
         setup = replace(setup, library_sizes=args.sizes)
     if args.reps:
@@ -637,6 +645,9 @@ def _result_name(setup: Setup, quick: bool, parts: list[str]) -> str:
     name = ["routing_speed"] + (["quick"] if quick else [])
     if setup.device != "cpu" or setup.dtype != "float32" or setup.batch != 1:
         name += [setup.device, setup.dtype, f"b{setup.batch}"]
+    default = Setup()
+    if (setup.hidden, setup.intermediate, setup.tokens) != (default.hidden, default.intermediate, default.tokens):
+        name += [f"h{setup.hidden}", f"i{setup.intermediate}", f"t{setup.tokens}"]
     if sorted(parts) != sorted(ALL_PARTS):
         name += sorted(parts)
     return "_".join(name) + ".json"

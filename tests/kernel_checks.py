@@ -19,9 +19,9 @@ if DEVICE == "cpu":
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from peft_routing.kernels import launch  # noqa: E402
 from testing_utils import converted, random_stack  # noqa: E402
 
+from peft_routing.kernels import launch  # noqa: E402
 from peft_routing.ops import (  # noqa: E402
     RoutingSettings,
     route_scores,
@@ -33,6 +33,7 @@ from peft_routing.ops import (  # noqa: E402
 
 MAX_EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 SHIPPED_TALL_FROM = launch.TALL_FROM_TOKENS
+SHIPPED_FUSED_MAX = launch.FUSED_MAX_TOKENS
 COMPARED = []  # cases that reached a comparison (a check that compares nothing must fail)
 
 
@@ -87,8 +88,10 @@ def check_route(n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype,
     COMPARED.append(tokens)
 
 
-def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed, tall):
+def _check_lora(dense: bool | None, n, r_max, d_in, d_out, tokens, top_k, score_norm, mixing, dtype, seed, tall):
+    """dense None: the fused kernel, for every token count; else the dense or sorted path, for every token count."""
     launch.TALL_FROM_TOKENS = 0 if tall else SHIPPED_TALL_FROM  # both tile sets, whatever the token count
+    launch.FUSED_MAX_TOKENS = 10**9 if dense is None else -1
     stack = _stack(n, r_max, d_in, d_out, seed, dtype)
     routing = RoutingSettings(top_k=top_k, temperature=0.8, score_norm=score_norm, mixing=mixing)
     x = _randn(tokens, d_in, seed).to(dtype)
@@ -96,11 +99,13 @@ def _check_lora(dense: bool, n, r_max, d_in, d_out, tokens, top_k, score_norm, m
         return
     base = _randn(tokens, d_out, seed + 1)
     float_stack = converted(stack, dtype=torch.float32)
-    want, _ = routed_forward(x.float(), float_stack, routing, "loop", out=base.clone())
-    got, _ = triton_path.routed_forward(x.float(), float_stack, routing, base.clone(), dense=dense)
+    want, want_routes = routed_forward(x.float(), float_stack, routing, "loop", out=base.clone())
+    got, routes = triton_path.routed_forward(x.float(), float_stack, routing, base.clone(), dense=bool(dense))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    assert torch.equal(routes.expert_ids, want_routes.expert_ids)
+    torch.testing.assert_close(routes.weights, want_routes.weights.float(), atol=1e-5, rtol=1e-4)
     if DEVICE != "cpu" and dtype != torch.float32:  # half inputs, weights and output (the interpreter is fp32-only)
-        got, _ = triton_path.routed_forward(x, stack, routing, base.to(dtype), dense=dense)
+        got, _ = triton_path.routed_forward(x, stack, routing, base.to(dtype), dense=bool(dense))
         tolerance = 2e-2 * (1 + want.abs().amax().item() if want.numel() else 1)
         torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=2e-2)
     COMPARED.append(tokens)
@@ -116,6 +121,14 @@ def check_sorted(**case):
 @given(**shapes, tall=st.booleans())
 def check_dense(**case):
     _check_lora(True, **case)
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(**shapes, tall=st.just(False), split=st.sampled_from([1, 2, 64]))
+def check_fused(split, **case):
+    """The fused decode kernel, its output columns split over 1, 2 or many programs per token."""
+    launch.FUSED_PROGRAMS = split * max(1, case["tokens"])
+    _check_lora(None, **case)
 
 
 def check_align():
@@ -146,7 +159,8 @@ def check_model():
     """A whole routed model: the Triton strategy gives the logits of the PyTorch reference loop."""
     from testing_utils import make_library, token_batch
 
-    for n, top_k in ((3, 1), (6, 2), (40, 2)):
+    for (n, top_k), fused_max in zip(((3, 1), (6, 2), (40, 2), (6, 2)), (SHIPPED_FUSED_MAX, -1, -1, 10**9)):
+        launch.FUSED_MAX_TOKENS = fused_max  # the fused kernel (decode-sized calls), the unfused kernels
         model = make_library("llama", n_experts=n, ranks=[4, 8], seed=n).to(DEVICE)
         model.set_phase("route", top_k=top_k)
         ids = token_batch(2, 5, seed=n).to(DEVICE)
@@ -179,7 +193,8 @@ def check_opcheck():
     """The custom op's declared mutation of ``out`` and its fake kernel (torch.compile traces with it) match the op."""
     stack = _stack(5, 4, 20, 70, 9, torch.float32)
     x = _randn(6, 20, 1)
-    for dense in (False, True):
+    for dense, fused_max in ((False, -1), (True, -1), (False, SHIPPED_FUSED_MAX)):
+        launch.FUSED_MAX_TOKENS = fused_max
         args = (_randn(6, 70, 2), x, x, stack.vectors.contiguous(), stack.a, stack.b_t, stack.scales, 2, 0.8, False,
                 1.0, dense)
         torch.library.opcheck(launch.triton_routed_lora_, args)
@@ -187,7 +202,8 @@ def check_opcheck():
 
 
 if __name__ == "__main__":
-    checks = {"route": check_route, "sorted": check_sorted, "dense": check_dense, "align": check_align,
+    checks = {"route": check_route, "sorted": check_sorted, "dense": check_dense, "fused": check_fused,
+              "align": check_align,
               "model": check_model, "compiled": check_compiled, "opcheck": check_opcheck}
     checks[sys.argv[1]]()
     nonempty = sum(1 for t in COMPARED if t)

@@ -5,6 +5,7 @@ which transformers imports. Torch and Triton only: plain tensors in, nothing of 
 
 One kernel per file: ``route`` (scores + top-k + mixing weights), ``align`` (pairs sorted by expert, padded to
 blocks), ``shrink`` (x A^T with the routing weight folded in), ``expand`` (h B^T added into the output), ``dense``
-(the small-library variant without sorting); ``launch.triton_routed_lora_`` chains them as one custom op. Set
+(the small-library variant without sorting), ``fused_decode`` (all of it for a few tokens, in one launch);
+``launch.triton_routed_lora_`` chains them as one custom op. Set
 TRITON_INTERPRET before importing ``peft_routing.kernels.launch``.
 """

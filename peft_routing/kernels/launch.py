@@ -1,6 +1,8 @@
 """Python launchers for the routed-LoRA Triton kernels, and the custom op ``peft_routing::triton_routed_lora_``.
 
-route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into ``out``. Plain
+Up to ``FUSED_MAX_TOKENS`` tokens (decode, small batches): one fused kernel scores, selects and applies the
+experts. Above: route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into
+``out``. Plain
 tensors in: the caller passes the tokens and routing vectors to score (already standardised for PHATGOOSE scores)
 apart from the tokens the LoRA multiplies. Tile sizes are fixed per token count (``tiles_for``; the CPU interpreter
 cannot autotune), chosen with benchmarks/kernel_profile.py (benchmarks/RESULTS.md). Import this module only after
@@ -17,6 +19,7 @@ import triton
 from .align import align_count_kernel, align_offsets_kernel, align_place_kernel
 from .dense import dense_expand_kernel, gated_shrink_kernel
 from .expand import expand_kernel
+from .fused_decode import fused_decode_kernel
 from .route import route_kernel
 from .shrink import shrink_kernel
 
@@ -26,6 +29,9 @@ MAX_RANK = 128
 ROUTE_BLOCK_T = 16  # tokens per route program: many programs, since one holds [ROUTE_BLOCK_T, N] scores
 ROUTE_BLOCK_D = 64  # d_in per step of the route kernel
 CHUNK = 64  # pairs per program of the align kernels
+FUSED_MAX_TOKENS = 16  # up to this many tokens per layer call, one fused launch (decode, small batches)
+FUSED_PROGRAMS = 64  # programs per fused launch, about: each redoes its token's scores and shrink (not GPU-tuned)
+FUSED_BLOCK_N = 64  # output columns per step of the fused kernel
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,41 @@ def dense_lora(tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, a
     return out
 
 
+def fused_lora(tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: torch.Tensor, a: torch.Tensor,
+               b_t: torch.Tensor, scales: torch.Tensor, top_k: int, temperature: float, sigmoid: bool,
+               score_scale: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores, top-k and the chosen experts' LoRA in one launch; returns the routes like ``route``.
+
+    Grid: (token, share of its output columns). Few shares per token, since every program of a token redoes its
+    scores and shrink; enough that a decode step of one token still spreads over several programs.
+
+    Args: as ``route`` and ``sorted_lora`` (``tokens`` what the LoRA multiplies, ``route_tokens`` what is scored).
+    """
+    num_tokens, d_in = tokens.shape
+    n, r_max = a.shape[0], a.shape[1]
+    d_out = out.shape[1]
+    k = min(top_k, n)
+    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=tokens.device)
+    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=tokens.device)
+    if num_tokens == 0:
+        return ids, weights
+    column_blocks = triton.cdiv(d_out, FUSED_BLOCK_N)
+    shares = max(1, min(column_blocks, FUSED_PROGRAMS // num_tokens))
+    cols_per_program = triton.cdiv(column_blocks, shares) * FUSED_BLOCK_N
+    block_e = triton.next_power_of_2(n)
+    fused_decode_kernel[(num_tokens, triton.cdiv(d_out, cols_per_program))](
+        tokens, route_tokens, route_vectors, a, b_t, scales, out, ids, weights,
+        n, d_in, route_tokens.shape[1], d_out, r_max, cols_per_program,
+        tokens.stride(0), route_tokens.stride(0), route_vectors.stride(0), a.stride(0), a.stride(1),
+        b_t.stride(0), b_t.stride(1), out.stride(0),
+        score_scale, 1.0 / temperature,
+        TOP_K=k, K_PAD=triton.next_power_of_2(k), SIGMOID=sigmoid,
+        BLOCK_E=block_e, BLOCK_D=max(16, min(ROUTE_BLOCK_D, 4096 // block_e)),
+        BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=FUSED_BLOCK_N,
+    )
+    return ids, weights
+
+
 @torch.library.custom_op("peft_routing::triton_routed_lora_", mutates_args=("out",))
 def triton_routed_lora_(
     out: torch.Tensor, tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: torch.Tensor,
@@ -192,10 +233,15 @@ def triton_routed_lora_(
         temperature: softmax temperature over the chosen scores.
         sigmoid: weights are sigmoid(score) instead of a softmax.
         score_scale: multiplies every score (1/sqrt(d) for PHATGOOSE scores).
-        dense: the small-library path (every expert's shrink, masked) instead of sorting the pairs.
+        dense: the small-library path (every expert's shrink, masked) instead of sorting the pairs, above
+            ``FUSED_MAX_TOKENS`` tokens.
     """
+    tokens = tokens.contiguous()
+    if tokens.shape[0] <= FUSED_MAX_TOKENS:
+        return fused_lora(tokens, route_tokens.contiguous(), route_vectors.contiguous(), a, b_t, scales, top_k,
+                          temperature, sigmoid, score_scale, out)
     ids, weights = route(route_tokens, route_vectors, top_k, temperature, sigmoid, score_scale)
-    (dense_lora if dense else sorted_lora)(tokens.contiguous(), ids, weights, a, b_t, scales, out)
+    (dense_lora if dense else sorted_lora)(tokens, ids, weights, a, b_t, scales, out)
     return ids, weights
 
 
