@@ -199,7 +199,7 @@ def fused_lora(tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: 
     column_blocks = triton.cdiv(d_out, FUSED_BLOCK_N)
     shares = max(1, min(column_blocks, FUSED_PROGRAMS // num_tokens))
     cols_per_program = triton.cdiv(column_blocks, shares) * FUSED_BLOCK_N
-    block_e = triton.next_power_of_2(n)
+    block_e = max(16, triton.next_power_of_2(n))  # at least 16 wide, as the other kernels' tiles
     fused_decode_kernel[(num_tokens, triton.cdiv(d_out, cols_per_program))](
         tokens, route_tokens, route_vectors, a, b_t, scales, out, ids, weights,
         n, d_in, route_tokens.shape[1], d_out, r_max, cols_per_program,
@@ -208,7 +208,7 @@ def fused_lora(tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: 
         score_scale, 1.0 / temperature,
         TOP_K=k, K_PAD=triton.next_power_of_2(k), SIGMOID=sigmoid,
         BLOCK_E=block_e, BLOCK_D=max(16, min(ROUTE_BLOCK_D, 4096 // block_e)),
-        BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=FUSED_BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(r_max)), BLOCK_N=FUSED_BLOCK_N,
     )
     return ids, weights
 
