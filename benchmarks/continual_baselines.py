@@ -32,7 +32,9 @@ MERGES = {"merge_linear": dict(combination_type="cat"), "merge_ties": dict(combi
 
 
 def add_merged_expert(model, experts: Sequence[str], method: str, weight: float = 1.0) -> str:
-    """Merge ``experts`` into a new adapter named ``method`` and put the model in its expert phase."""
+    """Merge ``experts`` into a new adapter named ``method`` and put the model in its expert phase (PEFT's merge is
+    refused in the route phase, where the merged adapter would be routed like a trained expert)."""
+    model.set_phase("expert", experts[0])
     model.add_weighted_adapter(list(experts), [weight] * len(experts), method, **MERGES[method])
     model.set_phase("expert", method)
     return method
