@@ -7,6 +7,8 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from testing_utils import expert_config, make_base, make_library, token_batch
 
+from peft_routing.tuner.prototype import Prototype
+
 
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
@@ -71,8 +73,19 @@ def _base_with(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
         return base(input_ids=token_batch()).logits
 
 
-def test_a_weighted_merge_is_the_weighted_sum_and_never_joins_the_routed_library():
+def _give_prototypes(model) -> None:
+    """Every expert a task prototype, as learn_task gives it (a merge of such experts must still work)."""
+    g, hidden = torch.Generator().manual_seed(0), model.base_model.model.config.hidden_size
+    for name in model.base_model.experts:
+        vector = torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0)
+        model.base_model.set_prototype(name, Prototype(vector, 0, -1.0, 8))
+
+
+@pytest.mark.parametrize("prototypes", [False, True])
+def test_a_weighted_merge_is_the_weighted_sum_and_never_joins_the_routed_library(prototypes):
     model = make_library("llama", n_experts=2)
+    if prototypes:
+        _give_prototypes(model)
     model.base_model.set_phase("route", top_k=2)
     routed = _logits(model)
     with pytest.raises(ValueError, match="set_phase\\('expert', name\\)"):
@@ -81,6 +94,7 @@ def test_a_weighted_merge_is_the_weighted_sum_and_never_joins_the_routed_library
     model.base_model.set_phase("expert", "expert_0")
     model.add_weighted_adapter(["expert_0", "expert_1"], [1.0, 0.5], "merged", combination_type="cat")
     assert model.base_model.merged_adapters == ["merged"]
+    assert model.base_model.expert_prototype("merged") is None  # a merge is no task: it has no prototype
     model.base_model.set_phase("expert", "merged")
     expected = _base_with(_expert_deltas(model, ["expert_0", "expert_1"], [1.0, 0.5]))
     torch.testing.assert_close(_logits(model), expected, rtol=1e-4, atol=1e-5)

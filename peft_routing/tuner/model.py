@@ -87,6 +87,7 @@ class RoutingLoraModel(LoraModel):
     _layer_cache: list | None = None
     _prototype_router: PrototypeRouter | None = None
     _merged_adapters: frozenset = frozenset()  # made by add_weighted_adapter: plain LoRA, never routed
+    _merging: str | None = None  # the adapter add_weighted_adapter is injecting right now
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         object.__setattr__(self, "library_lock", LibraryLock())  # before PEFT's __init__ injects the first expert
@@ -147,6 +148,8 @@ class RoutingLoraModel(LoraModel):
                 raise ValueError(
                     f"Adapter {adapter_name!r} has a {type(config).__name__}; a routed model holds routed experts "
                     "only. Add a plain LoRA folder with model.add_expert(path, allow_missing_routes=True).")
+            if adapter_name == self._merging:  # PEFT copied the first expert's config: a merge is no task
+                config.prototype = None
             _check_prototype(config, model, f"expert {adapter_name!r}")
             tensors, config.checked_tensors = config.checked_tensors, None
             if tensors is not None:
@@ -166,14 +169,19 @@ class RoutingLoraModel(LoraModel):
 
         The merge has no trained routing vectors, so it is kept out of the routed library: ``set_phase('route')``
         and ``set_phase('router', ...)`` refuse while it exists (its zero vector would take tokens from the trained
-        experts). Call it in the expert phase; ``delete_adapter(adapter_name)`` removes it again.
+        experts). Call it in the expert phase; ``delete_adapter(adapter_name)`` removes it again. A merge is no
+        task, so it carries no prototype, whatever its experts carry.
         """
         if self.phase[0] != "expert":
             raise ValueError(
                 f"add_weighted_adapter makes a plain LoRA adapter, which the {self.phase[0]!r} phase would route as "
                 "if it were a trained expert. Call set_phase('expert', name) first, then "
                 f"set_phase('expert', {adapter_name!r}) to use the merge.")
-        super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        self._merging = adapter_name
+        try:
+            super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        finally:
+            self._merging = None
         self._merged_adapters = self._merged_adapters | {adapter_name}
 
     @property
