@@ -502,8 +502,8 @@ def seq_ft_matrix(bench: Bench, order: list[str], experts) -> tuple[list[list[fl
         folder, meta = seq_ft_stage(bench, order, stage, experts)
         seconds, examples = seconds + meta["seconds"], examples + meta["examples"]
         scores = bench.scores({"m": "seq_ft", "order": order[: stage + 1]},
-                              lambda folder=folder: bench.single(folder, "seq_ft"), order)
-        matrix.append([scores[t] for t in order])
+                              lambda folder=folder: bench.single(folder, "seq_ft"), matrix_items(order, stage))
+        matrix.append([scores.get(t) for t in order])
     return matrix, seconds, examples
 
 
@@ -512,9 +512,16 @@ def growth_matrix(bench: Bench, order: list[str], rule: dict[str, Any]) -> list[
     for i in range(len(order)):
         present = list(order[: i + 1])
         scores = bench.scores(bench.routing_id(present, rule),
-                              lambda present=present: bench.routed_library(present, rule), order)
-        matrix.append([scores[t] for t in order])
+                              lambda present=present: bench.routed_library(present, rule), matrix_items(order, i))
+        matrix.append([scores.get(t) for t in order])
     return matrix
+
+
+def matrix_items(order: list[str], stage: int) -> list[str]:
+    """The tasks row ``stage`` of an accuracy matrix scores: every task learnt so far and the next one. That is all
+    BWT and FWT read (a[T-1][j], a[j][j], a[j-1][j]); the entries further right (a task two or more stages before
+    it is learnt) stay null, which keeps the four orders' matrices within the run's time budget."""
+    return list(order[: stage + 2])
 
 
 def mr_lora(bench: Bench, tasks: list[str], experts):
