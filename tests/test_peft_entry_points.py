@@ -108,6 +108,30 @@ def test_a_weighted_merge_is_the_weighted_sum_and_never_joins_the_routed_library
     torch.testing.assert_close(_logits(model), routed, rtol=0, atol=0)
 
 
+def test_a_merge_carries_none_of_its_first_experts_own_fields():
+    model = make_library("llama", n_experts=2)
+    _give_prototypes(model)
+    model.base_model.peft_config["expert_0"].expert_name = "expert_0"
+    model.base_model.set_phase("expert", "expert_0")
+    model.add_weighted_adapter(["expert_0", "expert_1"], [1.0, 1.0], "merged", combination_type="cat")
+    merged = model.base_model.peft_config["merged"]
+    assert (merged.prototype, merged.prototype_vector, merged.expert_name, merged.module_shapes) == (None,) * 4
+    assert model.base_model.expert_prototype("expert_0") is not None  # the expert's own config is untouched
+
+
+def test_a_merge_under_an_existing_name_or_a_failed_merge_changes_nothing():
+    model = make_library("llama", n_experts=2)
+    model.base_model.set_phase("expert", "expert_0")
+    before = _logits(model)
+    with pytest.raises(ValueError, match="exists already"):
+        model.add_weighted_adapter(["expert_0", "expert_1"], [1.0, 1.0], "expert_1", combination_type="cat")
+    with pytest.raises(Exception):  # noqa: B017 - PEFT's own error: TIES without its density
+        model.add_weighted_adapter(["expert_0", "expert_1"], [1.0, 1.0], "merged", combination_type="ties")
+    assert model.base_model.experts == ["expert_0", "expert_1"] and model.base_model.merged_adapters == []
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+    model.base_model.set_phase("route", top_k=2)  # no half-made merge blocks the route phase
+
+
 def test_peft_delete_adapter_routes_like_a_library_built_without_it():
     model = make_library("llama", n_experts=3)
     model.base_model.set_phase("route", top_k=2)

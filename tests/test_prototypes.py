@@ -18,6 +18,7 @@ from peft_routing.ops.dispatch import routed_forward
 from peft_routing.ops.prototypes import PRIOR_TEMPERATURE, causal_mean, decide, prompt_mean, similarities
 from peft_routing.tuner.prototype import PROTOTYPE_FILE, Prototype, PrototypeError
 from peft_routing.tuner.prototype_router import PrototypeRoutingError
+from peft_routing.workflow import new_expert_config
 
 RULES = {
     "prototype": dict(router="prototype"),
@@ -308,6 +309,21 @@ def test_router_names_the_experts_without_a_prototype():
     model.base_model.set_prototype("expert_0", Prototype(torch.ones(32), 0, 0.0, 4))
     model.set_phase("route", router="prototype")
     with pytest.raises(PrototypeRoutingError, match=r"\['expert_1', 'expert_2'\] have none"):
+        model(input_ids=token_batch(1, 4))
+
+
+def test_a_new_experts_config_does_not_inherit_the_first_experts_prototype():
+    """train_expert (and the demo's Seq-FT) add a new expert shaped like the first: without its task prototype, or
+    the prototype router would send the first task's prompts to an expert that never learnt it."""
+    model = make_library("llama", 2)
+    _give_prototypes(model)
+    config = new_expert_config(model.base_model)
+    assert (config.prototype, config.prototype_vector, config.expert_name, config.module_shapes) == (None,) * 4
+    model.add_adapter("new", config)
+    assert model.base_model.expert_prototype("new") is None
+    assert model.base_model.expert_prototype("expert_0") is not None
+    model.set_phase("route", router="prototype")
+    with pytest.raises(PrototypeRoutingError, match=r"\['new'\] have none"):
         model(input_ids=token_batch(1, 4))
 
 

@@ -109,6 +109,14 @@ class RoutingLoraConfig(LoraConfig):
         known = {f.name for f in fields(cls) if f.init}
         return neutralise_loaded_fields(read_json_object(path_json_file), str(path_json_file), known)
 
+    def drop_expert_fields(self) -> RoutingLoraConfig:
+        """Forget what describes one trained expert (its name, module shapes, task prototype, where it was loaded
+        from), keeping the settings: for a config copied from an expert to make another adapter (a new expert, a
+        merge), which would otherwise claim the first expert's prototype as its own. Returns ``self``."""
+        self.expert_name = self.module_shapes = self.prototype = None
+        self.prototype_vector = self.loaded_from = self.checked_tensors = None
+        return self
+
     def routing_settings(self) -> RoutingSettings:
         """The route-phase rule this config describes."""
         return RoutingSettings(**{f.name: getattr(self, f.name) for f in fields(RoutingSettings)})

@@ -149,7 +149,7 @@ class RoutingLoraModel(LoraModel):
                     f"Adapter {adapter_name!r} has a {type(config).__name__}; a routed model holds routed experts "
                     "only. Add a plain LoRA folder with model.add_expert(path, allow_missing_routes=True).")
             if adapter_name == self._merging:  # PEFT copied the first expert's config: a merge is no task
-                config.prototype = None
+                config.drop_expert_fields()
             _check_prototype(config, model, f"expert {adapter_name!r}")
             tensors, config.checked_tensors = config.checked_tensors, None
             if tensors is not None:
@@ -177,9 +177,15 @@ class RoutingLoraModel(LoraModel):
                 f"add_weighted_adapter makes a plain LoRA adapter, which the {self.phase[0]!r} phase would route as "
                 "if it were a trained expert. Call set_phase('expert', name) first, then "
                 f"set_phase('expert', {adapter_name!r}) to use the merge.")
+        if adapter_name in self.peft_config:  # PEFT would return without a word, and the name would count as a merge
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; choose another name for the merge.")
         self._merging = adapter_name
         try:
             super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        except BaseException:
+            if adapter_name in self.peft_config:  # injected, then the merge failed: no half-made adapter stays
+                self.delete_adapter(adapter_name)
+            raise
         finally:
             self._merging = None
         self._merged_adapters = self._merged_adapters | {adapter_name}

@@ -216,9 +216,8 @@ def new_expert_config(tuner: RoutingLoraModel) -> RoutingLoraConfig:
     """
     if not tuner.experts:
         raise ValueError("The library has no expert to copy settings from; pass config=RoutingLoraConfig(...).")
-    config = copy.deepcopy(tuner.peft_config[tuner.experts[0]])
-    config.inference_mode, config.init_lora_weights, config.expert_name = False, True, None
-    config.module_shapes = None
+    config = copy.deepcopy(tuner.peft_config[tuner.experts[0]]).drop_expert_fields()
+    config.inference_mode, config.init_lora_weights = False, True
     return config
 
 
