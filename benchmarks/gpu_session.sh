@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-for check in route fused sorted dense model compiled; do
+for check in route fused fused_shapes sorted dense model compiled opcheck; do
   KERNEL_DEVICE=cuda timeout 240 $PY tests/kernel_checks.py $check 30 2>&1 | tail -3 | sed "s/^/[$check] /" \
     | tee -a "$OUT/checks.txt"
 done

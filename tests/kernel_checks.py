@@ -34,6 +34,7 @@ from peft_routing.ops import (  # noqa: E402
 MAX_EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 SHIPPED_TALL_FROM = launch.TALL_FROM_TOKENS
 SHIPPED_FUSED_MAX = launch.FUSED_MAX_TOKENS
+SHIPPED_FUSED_BLOCK_N = launch.FUSED_BLOCK_N
 COMPARED = []  # cases that reached a comparison (a check that compares nothing must fail)
 
 
@@ -124,11 +125,27 @@ def check_dense(**case):
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(**shapes, tall=st.just(False), split=st.sampled_from([1, 2, 64]))
+@given(**shapes, tall=st.just(False), split=st.sampled_from([2, 3, 1]))
 def check_fused(split, **case):
-    """The fused decode kernel, its output columns split over 1, 2 or many programs per token."""
+    """The fused decode kernel, its output columns (in steps of 16) split over 1, 2 or many programs per token."""
     launch.FUSED_PROGRAMS = split * max(1, case["tokens"])
+    launch.FUSED_BLOCK_N = 16  # so that d_out up to 70 spans several steps and shares
     _check_lora(None, **case)
+    launch.FUSED_BLOCK_N = SHIPPED_FUSED_BLOCK_N
+
+
+def check_fused_shapes():
+    """Fixed fused cases the drawn ones miss: top-k up to 8, rank 128, 300 experts, many output shares, NaN."""
+    launch.FUSED_MAX_TOKENS = 10**9
+    for n, r_max, top_k, d_out, split in ((20, 128, 8, 3 * SHIPPED_FUSED_BLOCK_N + 5, 2), (300, 8, 3, 40, 64),
+                                          (5, 7, 5, 2 * SHIPPED_FUSED_BLOCK_N + 1, 3)):
+        launch.FUSED_PROGRAMS = split * 3
+        _check_lora(None, n, r_max, 24, d_out, 3, top_k, "none", "softmax", torch.float32, n, False)
+    stack = _stack(6, 4, 8, 20, 1, torch.float32)
+    x = torch.full((2, 8), float("nan"), device=DEVICE)
+    _, routes = triton_path.routed_forward(x, stack, RoutingSettings(top_k=2), _randn(2, 20, 3), dense=False)
+    assert bool((routes.expert_ids >= 0).all() and (routes.expert_ids < 6).all()), routes.expert_ids
+    COMPARED.append(2)
 
 
 def check_align():
@@ -159,8 +176,8 @@ def check_model():
     """A whole routed model: the Triton strategy gives the logits of the PyTorch reference loop."""
     from testing_utils import make_library, token_batch
 
-    for (n, top_k), fused_max in zip(((3, 1), (6, 2), (40, 2), (6, 2)), (SHIPPED_FUSED_MAX, -1, -1, 10**9)):
-        launch.FUSED_MAX_TOKENS = fused_max  # the fused kernel (decode-sized calls), the unfused kernels
+    for (n, top_k), fused_max in zip(((3, 1), (6, 2), (40, 2), (40, 2)), (SHIPPED_FUSED_MAX, -1, -1, 10**9)):
+        launch.FUSED_MAX_TOKENS = fused_max  # the fused kernel (decode-sized calls), then the unfused kernels
         model = make_library("llama", n_experts=n, ranks=[4, 8], seed=n).to(DEVICE)
         model.set_phase("route", top_k=top_k)
         ids = token_batch(2, 5, seed=n).to(DEVICE)
@@ -203,6 +220,7 @@ def check_opcheck():
 
 if __name__ == "__main__":
     checks = {"route": check_route, "sorted": check_sorted, "dense": check_dense, "fused": check_fused,
+              "fused_shapes": check_fused_shapes,
               "align": check_align,
               "model": check_model, "compiled": check_compiled, "opcheck": check_opcheck}
     checks[sys.argv[1]]()

@@ -18,7 +18,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("check", ["align", "route", "sorted", "dense", "fused", "model", "compiled", "opcheck"])
+@pytest.mark.parametrize("check", ["align", "route", "sorted", "dense", "fused", "fused_shapes", "model", "compiled",
+                                   "opcheck"])
 def test_kernel_matches_pytorch_reference(check, device):
     """On CPU under the interpreter; compiled on a GPU when there is one."""
     env = dict(os.environ, KERNEL_DEVICE=device)

@@ -5,8 +5,8 @@ is three kernels (five with sorting) for a handful of tokens. Here program (t, s
 routing vector, picks its k experts and their mixing weights, computes h_i = (x A_i^T) * w_i * s_i for each, and adds
 sum_i h_i B_i into its own share s of token t's output columns. Every column is written by one program, so there are
 no atomics, and a token's experts are applied together. The price: the programs of one token each redo the scores
-and the shrink (a few hundred kFLOP at d = 4096), which is why the launcher keeps the column split small and sends
-larger batches to the sorted path.
+and the shrink (N*d + k*r*d multiply-adds: about 0.4 M at N = 64, d = 4096), which is why the launcher keeps the
+column split small and sends larger batches to the sorted path.
 """
 
 import triton
@@ -31,17 +31,30 @@ def _scores(xr_ptr, v_ptr, token, num_experts, d_route, stride_xrt, stride_vn, s
 
 
 @triton.jit
+def _slot(values, slots, i):
+    """values[i] of a [K_PAD] vector indexed by ``slots`` (a scalar)."""
+    return tl.sum(tl.where(slots == i, values, 0), axis=0)
+
+
+@triton.jit
+def _slot_row(tile, slots, i):
+    """Row i of a [K_PAD, X] tile indexed by ``slots`` ([X])."""
+    return tl.sum(tl.where(slots[:, None] == i, tile, 0.0), axis=0)
+
+
+@triton.jit
 def fused_decode_kernel(
     x_ptr, xr_ptr, v_ptr, a_ptr, b_ptr, scales_ptr, out_ptr, ids_ptr, w_ptr,
     num_experts, d_in, d_route, d_out, r_max, cols_per_program,
     stride_xt, stride_xrt, stride_vn, stride_ae, stride_ar, stride_be, stride_br, stride_ot,
     scale, inv_temperature,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     token = tl.program_id(0)
     share = tl.program_id(1)
-    scores = _scores(xr_ptr, v_ptr, token, num_experts, d_route, stride_xrt, stride_vn, scale, BLOCK_E, BLOCK_D)
+    scores = _scores(xr_ptr, v_ptr, token, num_experts, d_route, stride_xrt, stride_vn, scale, BLOCK_E, BLOCK_DV)
 
     # top-k by repeated argmax, then the mixing weights over the chosen scores
     experts = tl.arange(0, BLOCK_E)
@@ -50,7 +63,7 @@ def fused_decode_kernel(
     chosen = tl.full([K_PAD], float("-inf"), dtype=tl.float32)
     for i in tl.static_range(TOP_K):
         best = tl.max(scores, axis=0)
-        arg = tl.argmax(scores, axis=0)
+        arg = tl.minimum(tl.argmax(scores, axis=0), num_experts - 1)  # NaN scores must not pick a padding slot
         chosen_ids = tl.where(slots == i, arg, chosen_ids)
         chosen = tl.where(slots == i, best, chosen)
         scores = tl.where(experts == arg, float("-inf"), scores)
@@ -74,7 +87,7 @@ def fused_decode_kernel(
         d_ok = ds < d_in
         x = tl.load(x_ptr + token * stride_xt + ds, mask=d_ok, other=0.0).to(tl.float32)
         for i in tl.static_range(TOP_K):
-            expert = tl.sum(tl.where(slots == i, chosen_ids, 0), axis=0)
+            expert = _slot(chosen_ids, slots, i)
             a = tl.load(a_ptr + expert * stride_ae + ranks[:, None] * stride_ar + ds[None, :],
                         mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             h += tl.where(slots[:, None] == i, tl.sum(a * x[None, :], axis=1)[None, :], 0.0)
@@ -88,8 +101,8 @@ def fused_decode_kernel(
         col_ok = cols < last
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(TOP_K):
-            expert = tl.sum(tl.where(slots == i, chosen_ids, 0), axis=0)
-            h_i = tl.sum(tl.where(slots[:, None] == i, h, 0.0), axis=0)
+            expert = _slot(chosen_ids, slots, i)
+            h_i = _slot_row(h, slots, i)
             b = tl.load(b_ptr + expert * stride_be + ranks[:, None] * stride_br + cols[None, :],
                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(h_i[:, None] * b, axis=0)

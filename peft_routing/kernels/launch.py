@@ -1,8 +1,7 @@
 """Python launchers for the routed-LoRA Triton kernels, and the custom op ``peft_routing::triton_routed_lora_``.
 
-Up to ``FUSED_MAX_TOKENS`` tokens (decode, small batches): one fused kernel scores, selects and applies the
-experts. Above: route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into
-``out``. Plain
+Up to ``FUSED_MAX_TOKENS`` tokens (decode, small batches) one fused kernel scores, selects and applies the experts;
+above, route -> (dense: gated_shrink -> dense_expand) or (align -> shrink -> expand), accumulating into ``out``. Plain
 tensors in: the caller passes the tokens and routing vectors to score (already standardised for PHATGOOSE scores)
 apart from the tokens the LoRA multiplies. Tile sizes are fixed per token count (``tiles_for``; the CPU interpreter
 cannot autotune), chosen with benchmarks/kernel_profile.py (benchmarks/RESULTS.md). Import this module only after
@@ -199,7 +198,7 @@ def fused_lora(tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: 
     column_blocks = triton.cdiv(d_out, FUSED_BLOCK_N)
     shares = max(1, min(column_blocks, FUSED_PROGRAMS // num_tokens))
     cols_per_program = triton.cdiv(column_blocks, shares) * FUSED_BLOCK_N
-    block_e = max(16, triton.next_power_of_2(n))  # at least 16 wide, as the other kernels' tiles
+    block_e = max(16, triton.next_power_of_2(n))  # no size-1 tiles (never compiled on a GPU here)
     fused_decode_kernel[(num_tokens, triton.cdiv(d_out, cols_per_program))](
         tokens, route_tokens, route_vectors, a, b_t, scales, out, ids, weights,
         n, d_in, route_tokens.shape[1], d_out, r_max, cols_per_program,
@@ -207,8 +206,8 @@ def fused_lora(tokens: torch.Tensor, route_tokens: torch.Tensor, route_vectors: 
         b_t.stride(0), b_t.stride(1), out.stride(0),
         score_scale, 1.0 / temperature,
         TOP_K=k, K_PAD=triton.next_power_of_2(k), SIGMOID=sigmoid,
-        BLOCK_E=block_e, BLOCK_D=max(16, min(ROUTE_BLOCK_D, 4096 // block_e)),
-        BLOCK_R=max(16, triton.next_power_of_2(r_max)), BLOCK_N=FUSED_BLOCK_N,
+        BLOCK_E=block_e, BLOCK_DV=max(1, min(ROUTE_BLOCK_D, 4096 // block_e)),  # [N, d] tile of at most 4096
+        BLOCK_D=ROUTE_BLOCK_D, BLOCK_R=max(16, triton.next_power_of_2(r_max)), BLOCK_N=FUSED_BLOCK_N,
     )
     return ids, weights
 

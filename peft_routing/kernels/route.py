@@ -40,7 +40,7 @@ def route_kernel(
     chosen = tl.full([BLOCK_T, K_PAD], float("-inf"), dtype=tl.float32)
     for i in tl.static_range(TOP_K):
         best = tl.max(scores, axis=1)
-        arg = tl.argmax(scores, axis=1)
+        arg = tl.minimum(tl.argmax(scores, axis=1), num_experts - 1)  # NaN scores must not pick a padding slot
         chosen_ids = tl.where(slots[None, :] == i, arg[:, None].to(tl.int64), chosen_ids)
         chosen = tl.where(slots[None, :] == i, best[:, None], chosen)
         scores = tl.where(cols[None, :] == arg[:, None], float("-inf"), scores)
