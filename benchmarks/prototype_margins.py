@@ -1,0 +1,94 @@
+"""How well do task prototypes separate a library's tasks from each other and from prompts no expert learnt?
+
+For the text half of ``continual.py`` (its cached experts; run that first), every prompt's feature is the one the
+prompt router compares (the causal mean of the normalised hidden states entering the prototype block, at the prompt's
+last position, on the base model). Two similarities are compared:
+- ``raw``: the cosine to each prototype, as the router uses it;
+- ``centred``: the cosine after subtracting the mean of the prototypes from the feature and from every prototype,
+  which removes what all prompts share (the chat template), a candidate for the next router.
+For each, a task's floor is the lowest similarity of its own 128 training prompts to its prototype (the base
+fallback's threshold), and the table gives, for each task's test prompts and for prompts no expert learnt
+(capitals, MMLU explanations, the "shout" task): the share routed to each task's expert and to the base model.
+
+    python benchmarks/prototype_margins.py   # -> results/prototype_margins.json (a few minutes)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from continual import CACHE, RESULTS, Bench, Settings, Store  # noqa: E402
+
+from peft_routing.ops.prototypes import causal_mean  # noqa: E402
+from peft_routing.workflow import ChatCollator, ChatExample  # noqa: E402
+from peft_routing.workflow.evaluation import chunks  # noqa: E402
+
+
+@torch.no_grad()
+def prompt_features(model, processor, examples, layer: int) -> torch.Tensor:
+    """[n, d] the prompt router's feature of each example's prompt (the base model: adapters off)."""
+    collator, features = ChatCollator(processor), []
+    with model.disable_adapter():
+        for chunk in chunks(examples, 16, None):
+            batch = collator(list(chunk))
+            labels = batch.pop("labels")
+            hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
+            pooled, _ = causal_mean(hidden, batch["attention_mask"])
+            last_prompt = (labels != -100).int().argmax(dim=1) - 1  # left padding: answers end in the last column
+            features.append(pooled[torch.arange(len(chunk)), last_prompt].float())
+    return torch.cat(features)
+
+
+def similarity(features: torch.Tensor, prototypes: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+    if centre is not None:
+        features, prototypes = features - centre, prototypes - centre
+    return torch.nn.functional.normalize(features, dim=-1) @ torch.nn.functional.normalize(prototypes, dim=-1).T
+
+
+def decisions(cos: torch.Tensor, floors: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """% of prompts to each expert (nearest prototype, above its floor) and to the base model."""
+    best, nearest = cos.max(dim=1)
+    to_base = best < floors[nearest]
+    shares = {name: 100.0 * float(((nearest == i) & ~to_base).float().mean()) for i, name in enumerate(names)}
+    return shares | {"(base)": 100.0 * float(to_base.float().mean())}
+
+
+def main() -> None:
+    bench = Bench(Settings(), Store(CACHE))
+    tasks = list(bench.settings.tasks)
+    model = bench.library(tasks)
+    tuner = model.base_model
+    prototypes = torch.stack([tuner.expert_prototype(t).vector.float() for t in tasks])
+    layer = tuner.expert_prototype(tasks[0]).layer
+    n_train = bench.settings.prototype_examples
+    train = {t: prompt_features(model, bench.tokenizer, bench.tasks[t].train[:n_train], layer) for t in tasks}
+    probes = {f"{t} (test)": bench.tasks[t].test for t in tasks}
+    probes["capitals"] = [ChatExample(q.prompt_messages + [{"role": "assistant", "content": options[right]}])
+                          for q, options, right in bench.probes["general"]]
+    probes["mmlu"] = bench.nll_examples[:40]
+    probes["shout (no expert)"] = bench.tasks["shout"].test[:100]
+    features = {name: prompt_features(model, bench.tokenizer, examples, layer) for name, examples in probes.items()}
+    results = {}
+    for variant, centre in (("raw", None), ("centred", prototypes.mean(dim=0))):
+        floors = torch.stack([similarity(train[t], prototypes[i : i + 1], centre).min() for i, t in enumerate(tasks)])
+        results[variant] = {"floors": dict(zip(tasks, floors.tolist())),
+                            "routes": {name: decisions(similarity(f, prototypes, centre), floors, tasks)
+                                       for name, f in features.items()}}
+    header = f"{'prompts':<20}" + "".join(f"{t[:9]:>10}" for t in tasks + ["(base)"])
+    for variant, found in results.items():
+        print(f"\n{variant} similarity; floors " + ", ".join(f"{t} {v:.4f}" for t, v in found["floors"].items()))
+        print(header)
+        for name, shares in found["routes"].items():
+            print(f"{name:<20}" + "".join(f"{shares[t]:>10.1f}" for t in tasks + ["(base)"]))
+    out = RESULTS / "prototype_margins.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
