@@ -6,9 +6,11 @@ last position, on the base model). Two similarities are compared:
 - ``raw``: the cosine to each prototype, as the router uses it;
 - ``centred``: the cosine after subtracting the mean of the prototypes from the feature and from every prototype,
   which removes what all prompts share (the chat template), a candidate for the next router.
-For each, a task's floor is the lowest similarity of its own 128 training prompts to its prototype (the base
-fallback's threshold), and the table gives, for each task's test prompts and for prompts no expert learnt
-(capitals, MMLU explanations, the "shout" task): the share routed to each task's expert and to the base model.
+For each, a task's floor is the lowest similarity of its own 128 training prompts to its prototype; ``library`` is
+the raw cosine with the floors the experts carry (``compute_prototype``: the lowest cosine at any position that
+predicts an answer token, the base fallback's threshold today). The tables give, for each task's test prompts and
+for prompts no expert learnt (capitals, MMLU explanations, the "shout" task): the share routed to each task's expert
+and to the base model.
 
     python benchmarks/prototype_margins.py   # -> results/prototype_margins.json (a few minutes)
 """
@@ -74,8 +76,10 @@ def main() -> None:
     probes["shout (no expert)"] = bench.tasks["shout"].test[:100]
     features = {name: prompt_features(model, bench.tokenizer, examples, layer) for name, examples in probes.items()}
     results = {}
-    for variant, centre in (("raw", None), ("centred", prototypes.mean(dim=0))):
-        floors = torch.stack([similarity(train[t], prototypes[i : i + 1], centre).min() for i, t in enumerate(tasks)])
+    library_floors = torch.tensor([tuner.expert_prototype(t).floor for t in tasks])
+    for variant, centre in (("library", None), ("raw", None), ("centred", prototypes.mean(dim=0))):
+        floors = library_floors if variant == "library" else torch.stack(
+            [similarity(train[t], prototypes[i : i + 1], centre).min() for i, t in enumerate(tasks)])
         results[variant] = {"floors": dict(zip(tasks, floors.tolist())),
                             "routes": {name: decisions(similarity(f, prototypes, centre), floors, tasks)
                                        for name, f in features.items()}}
