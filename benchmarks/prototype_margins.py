@@ -26,24 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import CACHE, RESULTS, Bench, Settings, Store  # noqa: E402
 
-from peft_routing.ops.prototypes import causal_mean  # noqa: E402
-from peft_routing.workflow import ChatCollator, ChatExample  # noqa: E402
-from peft_routing.workflow.evaluation import chunks  # noqa: E402
+from peft_routing.workflow import ChatExample  # noqa: E402
+from peft_routing.workflow.prototypes import prototype_features  # noqa: E402
 
 
-@torch.no_grad()
 def prompt_features(model, processor, examples, layer: int) -> torch.Tensor:
-    """[n, d] the prompt router's feature of each example's prompt (the base model: adapters off)."""
-    collator, features = ChatCollator(processor), []
-    with model.disable_adapter():
-        for chunk in chunks(examples, 16, None):
-            batch = collator(list(chunk))
-            labels = batch.pop("labels")
-            hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
-            pooled, _ = causal_mean(hidden, batch["attention_mask"])
-            last_prompt = (labels != -100).int().argmax(dim=1) - 1  # left padding: answers end in the last column
-            features.append(pooled[torch.arange(len(chunk)), last_prompt].float())
-    return torch.cat(features)
+    """[n, d] the prompt router's feature of each example's prompt (the library's own: adapters off)."""
+    return prototype_features(model, processor, list(examples), layer, 16)[0].float()
 
 
 def similarity(features: torch.Tensor, prototypes: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:

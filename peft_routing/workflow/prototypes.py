@@ -43,7 +43,7 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
     if not examples:
         raise ValueError(f"compute_prototype needs at least one example of {expert!r}'s task.")
     layer = lowest_adapted_block(tuner) if layer is None else layer
-    prompt_features, answer_features = _features(model, processor, examples, layer, batch_size)
+    prompt_features, answer_features = prototype_features(model, processor, examples, layer, batch_size)
     vector = prototype_of(prompt_features)
     floor = float(similarities(answer_features, vector.unsqueeze(0)).min().clamp(-1.0, 1.0))
     prototype = Prototype(vector, layer, floor, len(examples))
@@ -64,8 +64,9 @@ def lowest_adapted_block(tuner) -> int:
     return min(found[2].values())
 
 
-def _features(model, processor, examples: list[ChatExample], layer: int,
-              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def prototype_features(model, processor, examples: list[ChatExample], layer: int,
+                       batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt features [n, d] (at each prompt's last position) and features at every answer-predicting position."""
     collator = ChatCollator(processor)
     prompts, answers = [], []
