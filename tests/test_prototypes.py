@@ -15,7 +15,14 @@ from testing_utils import make_library, token_batch
 
 from peft_routing.ops import RoutingSettings, cpu_kernel
 from peft_routing.ops.dispatch import routed_forward
-from peft_routing.ops.prototypes import PRIOR_TEMPERATURE, causal_mean, decide, prompt_mean, similarities
+from peft_routing.ops.prototypes import (
+    PRIOR_TEMPERATURE,
+    PROMPT_FLOOR_SLACK,
+    causal_mean,
+    decide,
+    prompt_mean,
+    similarities,
+)
 from peft_routing.tuner.prototype import PROTOTYPE_FILE, Prototype, PrototypeError
 from peft_routing.tuner.prototype_router import PrototypeRoutingError
 from peft_routing.workflow import new_expert_config
@@ -137,12 +144,13 @@ def test_every_strategy_applies_the_decision(strategy, rule, num_tokens):
 
 
 # ---------------------------------------------------------------------------------------------- the whole model
-def _give_prototypes(model, seed: int = 0, floor: float = -1.0, layer: int = 0) -> None:
+def _give_prototypes(model, seed: int = 0, floor: float = -1.0, layer: int = 0,
+                     prompt_floor: float | None = None) -> None:
     g = torch.Generator().manual_seed(seed)
     hidden = model.base_model.model.config.hidden_size
     for name in model.base_model.experts:
         vector = torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0)
-        model.base_model.set_prototype(name, Prototype(vector, layer, floor, 8))
+        model.base_model.set_prototype(name, Prototype(vector, layer, floor, 8, prompt_floor=prompt_floor))
 
 
 def _floor_between_rows(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
@@ -161,9 +169,9 @@ def test_route_phase_matches_the_reference_layer_by_layer(rule):
     ids = token_batch(2, 7)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row
-    _give_prototypes(model, floor=0.05)
-    if RULES[rule].get("prototype_pooling") == "prompt":  # one decision per row: a floor between the rows' best
-        _give_prototypes(model, floor=_floor_between_rows(model, ids, mask))
+    _give_prototypes(model, floor=0.05, prompt_floor=1.0)  # prefix pooling reads the floor, not the prompt floor
+    if RULES[rule].get("prototype_pooling") == "prompt":  # one decision per row: a prompt floor between the rows'
+        _give_prototypes(model, floor=1.0, prompt_floor=_floor_between_rows(model, ids, mask))  # best, not floor
     model.set_phase("route", **RULES[rule])
     tuner = model.base_model
     blocks = tuner.model.model.layers
@@ -181,8 +189,9 @@ def test_route_phase_matches_the_reference_layer_by_layer(rule):
         handle.remove()
     names = tuner.experts
     prototypes = [tuner.expert_prototype(n).vector.double().tolist() for n in names]
-    floors = [tuner.expert_prototype(n).floor for n in names]
     routing = tuner.routing_settings
+    prompt_pooling = routing.prototype_pooling == "prompt"
+    floors = [getattr(tuner.expert_prototype(n), "prompt_floor" if prompt_pooling else "floor") for n in names]
     rules = []
     for b in range(ids.shape[0]):
         for feature in pooled_by_hand(captured["h"][b], mask[b].bool().tolist(), routing.prototype_pooling):
@@ -335,6 +344,25 @@ def test_a_library_adapting_blocks_below_the_prototype_block_is_refused():
         model(input_ids=token_batch(1, 4))
 
 
+@pytest.mark.parametrize("pooling", ["prompt", "prefix"])
+def test_the_fallback_reads_the_prompt_floor_under_prompt_pooling_and_the_floor_otherwise(pooling):
+    model = make_library("llama", 2)
+    ids = token_batch(2, 5)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    model.set_phase("route", router="prototype", fallback="base", prototype_pooling=pooling)
+    outputs = {}
+    for floor, prompt_floor in ((1.0, -1.0), (-1.0, 1.0), (1.0, None)):  # a floor of 1: every position to the base
+        _give_prototypes(model, floor=floor, prompt_floor=prompt_floor)
+        model.set_phase("route", router="prototype", fallback="base", prototype_pooling=pooling)
+        with torch.no_grad():
+            outputs[floor, prompt_floor] = model(input_ids=ids).logits
+    deciding = {"prompt": (-1.0, 1.0), "prefix": (1.0, -1.0)}[pooling]  # the floor that sends all to the base
+    for key, logits in outputs.items():
+        all_base = key == deciding or key == (1.0, None)  # an expert saved without a prompt floor uses the floor
+        assert torch.equal(logits, base) == all_base, key
+
+
 def test_token_router_is_unchanged_by_prototypes():
     model = make_library("llama", 3)
     ids = token_batch(2, 5)
@@ -353,7 +381,7 @@ def test_prototypes_round_trip_through_every_way_in(tmp_path, plain):
     from testing_utils import make_base
 
     model = make_library("llama", 2)
-    _give_prototypes(model, floor=0.25)
+    _give_prototypes(model, floor=0.25, prompt_floor=0.5)
     want = {n: model.base_model.expert_prototype(n) for n in model.base_model.experts}
     for name in want:
         model.save_expert(name, tmp_path / name, as_plain_lora=plain)
@@ -395,12 +423,15 @@ def _broken(folder, how: str) -> None:
         config["prototype"]["layer"] = 7
     elif how == "floor":
         config["prototype"]["floor"] = 3.0
+    elif how == "prompt_floor":
+        config["prototype"]["prompt_floor"] = "0.9"
     elif how == "fields":
         config["prototype"] = {"layer": 0}
     config_file.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("how", ["nan", "width", "int", "extra_key", "no_file", "layer", "floor", "fields"])
+@pytest.mark.parametrize("how", ["nan", "width", "int", "extra_key", "no_file", "layer", "floor", "prompt_floor",
+                                 "fields"])
 def test_bad_prototypes_are_refused_and_the_model_is_unchanged(tmp_path, how):
     source = make_library("llama", 2)
     _give_prototypes(source)
@@ -446,8 +477,11 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
     handle.remove()
     mean = [sum(column) / len(features) for column in zip(*features)]
     norm = math.sqrt(sum(x * x for x in mean))
-    torch.testing.assert_close(prototype.vector.double(), torch.tensor([x / norm for x in mean], dtype=torch.float64),
+    reference = [x / norm for x in mean]
+    torch.testing.assert_close(prototype.vector.double(), torch.tensor(reference, dtype=torch.float64),
                                atol=1e-5, rtol=1e-4)
+    farthest = max(1.0 - sum(a * b for a, b in zip(feature, reference)) for feature in features)
+    assert prototype.prompt_floor == pytest.approx(1.0 - PROMPT_FLOOR_SLACK * farthest, abs=1e-5)
     assert prototype.layer == 0 and prototype.examples == 6 and -1 <= prototype.floor <= 1
     learn_task(model, "lower", task_records("lo", "no", n=6), tokenizer, expert_args=dict(max_steps=1),
                router_args=dict(max_steps=1, per_device_train_batch_size=2))

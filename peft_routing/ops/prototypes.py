@@ -14,8 +14,10 @@ generated tokens included: REPRO's one choice per sequence, taken inside the for
     router "token+prototype":  the token scores restricted to the ``prototype_candidates`` nearest experts where the
                                nearest leads the second by at least ``prototype_margin`` (token scores alone elsewhere),
                                or, with ``prototype_prior`` > 0, plus prior * log softmax(c_t / PRIOR_TEMPERATURE);
-    fallback "base":           no expert at a position with max_j c_tj below the nearest prototype's floor (the
-                               lowest similarity its own training examples had), i.e. the base model.
+    fallback "base":           no expert at a position with max_j c_tj below the nearest prototype's floor, i.e.
+                               the base model. Prefix pooling uses ``floor`` (the lowest similarity of the task's
+                               training examples at any answer-predicting position); prompt pooling ``prompt_floor``
+                               (``prompt_floor``: the training prompts' farthest distance, with slack).
 
 The decision is one additive bias per (position, expert) on the scores every routed layer computes (0, -inf or the
 prior) and a per-position keep flag, so every strategy and the CPU kernel apply it unchanged.
@@ -33,6 +35,12 @@ from .settings import RoutingSettings
 # Cosines between prompt features of one model differ by a few hundredths between tasks; this makes the prior's
 # softmax about as peaked as the nearest-prototype choice at prior = 1.
 PRIOR_TEMPERATURE = 0.01
+# The prompt floor's distance (1 - cosine) is this multiple of the farthest training prompt's. A new prompt of the
+# task lies beyond the farthest of n training prompts with probability 1/(n + 1) (1 in 129 for REPRO's 128); the
+# prompts' log-distances spread by about 0.25-0.45 (text half), so doubling the distance puts the floor 1.5 to 3
+# such spreads past the farthest prompt, while prompts of tasks no expert learnt lie 5-40x farther
+# (benchmarks/RESULTS.md, "What the base fallback lets through").
+PROMPT_FLOOR_SLACK = 2.0
 
 
 @dataclass
@@ -152,6 +160,17 @@ def decide(cosines: torch.Tensor, floors: torch.Tensor, settings: RoutingSetting
         best, nearest = cosines.max(dim=-1)
         keep = best >= floors.to(cosines.dtype)[nearest]
     return PrototypeDecision(bias, keep)
+
+
+def prompt_floor(cosines: torch.Tensor) -> float:
+    """The prompt floor from the cosines [n] of a task's training prompts to its prototype: the farthest prompt's
+    distance times ``PROMPT_FLOOR_SLACK``, as a cosine (at least -1).
+
+    Args:
+        cosines: ``similarities`` of the prompts' features to the task's prototype.
+    """
+    farthest = float((1.0 - cosines.float()).clamp(min=0.0).max())
+    return max(-1.0, 1.0 - PROMPT_FLOOR_SLACK * farthest)
 
 
 def prototype_of(prompt_features: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,9 @@ class RoutingSettings:
             at least this much; elsewhere the token scores alone decide (a confidence gate).
         prototype_prior: token+prototype: when > 0, add ``prior * log softmax(cosines / PRIOR_TEMPERATURE)`` to the
             token scores instead of restricting them.
-        fallback: ``"base"``: a position whose prefix is farther from every prototype than that expert's own
-            training prompts were (the prototype's floor) gets no expert, i.e. the base model; ``"none"``: never.
+        fallback: ``"base"``: a position whose pooled feature is farther from every prototype than the nearest
+            expert's own training examples were (the prototype's floor; with prompt pooling, its prompt floor) gets
+            no expert, i.e. the base model; ``"none"``: never.
         prototype_pooling: what a position is compared with the prototypes by. ``"prefix"``: the mean feature of
             its own prefix (strictly causal). ``"prompt"``: the whole prompt's mean feature, for every position of
             the prompt and every token generated after it, i.e. REPRO's one choice per sequence. The "prompt" is

@@ -65,7 +65,7 @@ class RoutingLoraConfig(LoraConfig):
     prototype: dict | None = field(
         default=None,
         metadata={"help": "How the task prototype in prototype.safetensors was computed: layer, pooling, examples, "
-                          "floor (tuner.prototype)."},
+                          "floor, prompt_floor (tuner.prototype)."},
     )
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from ..io.hub import fetch_file
 PROTOTYPE_FILE = "prototype.safetensors"
 PROTOTYPE_KEY = "prototype"
 POOLINGS = ("causal_mean",)
+REQUIRED_FIELDS = frozenset({"layer", "pooling", "examples", "floor"})
 
 
 class PrototypeError(ValueError):
@@ -37,10 +38,16 @@ class Prototype:
     floor: float
     examples: int
     pooling: str = "causal_mean"
+    prompt_floor: float | None = None
 
     def fields(self) -> dict:
         """The config's ``prototype`` field for this prototype."""
-        return {"layer": self.layer, "pooling": self.pooling, "examples": self.examples, "floor": self.floor}
+        found = {"layer": self.layer, "pooling": self.pooling, "examples": self.examples, "floor": self.floor}
+        return found if self.prompt_floor is None else found | {"prompt_floor": self.prompt_floor}
+
+    def floor_for(self, pooling: str) -> float:
+        """The base fallback's threshold for a router pooling ``"prefix"`` or ``"prompt"`` features."""
+        return self.prompt_floor if pooling == "prompt" and self.prompt_floor is not None else self.floor
 
 
 def prototype_from(fields: dict | None, vector: torch.Tensor | None, where: str) -> Prototype | None:
@@ -57,19 +64,23 @@ def prototype_from(fields: dict | None, vector: torch.Tensor | None, where: str)
         missing = f"the {PROTOTYPE_FILE} file" if vector is None else "the config's `prototype` field"
         raise PrototypeError(f"{where}: the prototype is incomplete ({missing} is missing); remove the other half or "
                              "recompute it with peft_routing.compute_prototype.")
-    if not isinstance(fields, dict) or set(fields) != {"layer", "pooling", "examples", "floor"}:
-        raise PrototypeError(f"{where}: the config's `prototype` must hold exactly layer, pooling, examples and "
-                             f"floor, got {fields!r}.")
+    if not isinstance(fields, dict) or not REQUIRED_FIELDS <= set(fields) <= REQUIRED_FIELDS | {"prompt_floor"}:
+        raise PrototypeError(f"{where}: the config's `prototype` must hold layer, pooling, examples, floor and "
+                             f"optionally prompt_floor, got {fields!r}.")
     layer, pooling, examples, floor = fields["layer"], fields["pooling"], fields["examples"], fields["floor"]
+    prompt_floor = fields.get("prompt_floor")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise PrototypeError(f"{where}: prototype layer must be an integer >= 0, got {layer!r}.")
     if pooling not in POOLINGS:
         raise PrototypeError(f"{where}: prototype pooling must be one of {POOLINGS}, got {pooling!r}.")
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise PrototypeError(f"{where}: prototype examples must be an integer >= 1, got {examples!r}.")
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not -1.0 <= floor <= 1.0:
-        raise PrototypeError(f"{where}: prototype floor must be a cosine in [-1, 1], got {floor!r}.")
-    return Prototype(_unit_vector(vector, where), layer, float(floor), examples, pooling)
+    floors = {"floor": floor} | ({} if prompt_floor is None else {"prompt_floor": prompt_floor})
+    for name, value in floors.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+            raise PrototypeError(f"{where}: prototype {name} must be a cosine in [-1, 1], got {value!r}.")
+    return Prototype(_unit_vector(vector, where), layer, float(floor), examples, pooling,
+                     None if prompt_floor is None else float(prompt_floor))
 
 
 def _unit_vector(vector: torch.Tensor, where: str) -> torch.Tensor:

@@ -72,7 +72,7 @@ class PrototypeRouter:
         if self.problem is None:
             ordered = [prototypes[name] for name in self.experts]
             self.prototypes = torch.stack([p.vector for p in ordered])
-            self.floors = torch.tensor([p.floor for p in ordered])
+            self.floors = torch.tensor([p.floor_for(settings.prototype_pooling) for p in ordered])
             self.layer = ordered[0].layer
         self._attach(model, layers)
 

@@ -3,14 +3,17 @@
 The prototype is the normalised mean of the prompts' features: at each prompt's last position, the causal mean of
 the normalised hidden states entering the prototype block (``ops.prototypes.causal_mean``), on the base model
 (adapters off). The floor is the lowest cosine to the prototype at any position that predicts an answer token of
-these examples: a prefix farther than that from every prototype looks like no task the library learnt.
+these examples: a prefix farther than that from every prototype looks like no task the library learnt (prefix
+pooling). The prompt floor does the same for whole prompts (prompt pooling): the farthest training prompt's
+distance, with slack (``ops.prototypes.prompt_floor``), since a floor at the farthest of n prompts would send 1 in
+n + 1 of the task's own new prompts to the base model.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.prototypes import causal_mean, prototype_of, similarities
+from ..ops.prototypes import causal_mean, prompt_floor, prototype_of, similarities
 from ..tuner.prototype import Prototype
 from ..tuner.prototype_router import decoder_blocks
 from .collate import IGNORE_INDEX, ChatCollator
@@ -46,7 +49,8 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
     prompt_features, answer_features = prototype_features(model, processor, examples, layer, batch_size)
     vector = prototype_of(prompt_features)
     floor = float(similarities(answer_features, vector.unsqueeze(0)).min().clamp(-1.0, 1.0))
-    prototype = Prototype(vector, layer, floor, len(examples))
+    prompts_floor = prompt_floor(similarities(prompt_features, vector.unsqueeze(0)).squeeze(1))
+    prototype = Prototype(vector, layer, floor, len(examples), prompt_floor=prompts_floor)
     tuner.set_prototype(expert, prototype)
     return prototype
 
