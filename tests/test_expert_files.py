@@ -54,7 +54,9 @@ def test_saved_folder_is_a_standard_adapter_folder(tmp_path):
     assert not any("expert_1" in k for k in tensors)
 
 
-def test_round_trip_in_a_fresh_process_gives_identical_logits(tmp_path):
+def test_round_trip_in_a_fresh_process_gives_identical_logits(tmp_path, monkeypatch):
+    # one path in both processes: timed dispatch may pick another (equally right, not bitwise equal) on a busy machine
+    monkeypatch.setenv("PEFT_ROUTING_MEASURE", "0")
     model = make_library("qwen2", n_experts=3, ranks=[2, 4, 8], seed=5)
     model.set_phase("route", top_k=2, score_norm="standardize")  # saved with the experts, restored on load
     for name in model.experts:
