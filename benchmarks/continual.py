@@ -52,6 +52,7 @@ from peft_routing.demo.base_models import load_base_model  # noqa: E402
 from peft_routing.demo.image_tasks import caption_questions  # noqa: E402
 from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
 from peft_routing.io import cache_root, write_json_atomic  # noqa: E402
+from peft_routing.ops.prototypes import PROMPT_FLOOR_SLACK  # noqa: E402
 from peft_routing.tuner.prototype import PROTOTYPE_FILE  # noqa: E402
 from peft_routing.workflow import (  # noqa: E402
     answer_accuracy,
@@ -217,12 +218,18 @@ class Bench:
     def expert(self, task: str) -> tuple[Path, dict[str, Any]]:
         """Task expert + its routing vectors (stage 1 + stage 2) + its prototype, from that task's data alone."""
         folder, meta = self._trained_expert(task)
-        if not (folder / PROTOTYPE_FILE).is_file():  # trained before experts carried prototypes
+        if "prompt_floor" not in self._prototype_fields(folder):  # experts cached before (prompt floors of) prototypes
             model = self.single(folder, task)
             compute_prototype(model, task, self.tasks[task].train, self.tokenizer,
                               max_examples=self.settings.prototype_examples)
             model.save_expert(task, folder, overwrite=True)
         return folder, meta
+
+    @staticmethod
+    def _prototype_fields(folder: Path) -> dict[str, Any]:
+        if not (folder / PROTOTYPE_FILE).is_file():
+            return {}
+        return json.loads((folder / "adapter_config.json").read_text()).get("prototype") or {}
 
     def _trained_expert(self, task: str) -> tuple[Path, dict[str, Any]]:
         key = cache_key(dict(kind="expert", task=task, **self._training_id(), router=(self.settings.router_steps,
@@ -280,6 +287,8 @@ class Bench:
         others = {k: v for k, v in rule.items() if k not in ("top_k", "score_norm") and v != TOKEN_RULE[k]}
         if others:  # the token rules keep the keys they always had
             found["rule"] = {**others, "prototype_examples": s.prototype_examples}
+        if rule["fallback"] == "base" and rule["prototype_pooling"] == "prompt":  # the prompt floor decides
+            found["rule"]["prompt_floor_slack"] = PROMPT_FLOOR_SLACK
         return found
 
     def routed_library(self, names, rule: dict[str, Any]) -> Any:

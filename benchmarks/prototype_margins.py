@@ -7,8 +7,10 @@ last position, on the base model). Two similarities are compared:
 - ``centred``: the cosine after subtracting the mean of the prototypes from the feature and from every prototype,
   which removes what all prompts share (the chat template), a candidate for the next router.
 For each, a task's floor is the lowest similarity of its own 128 training prompts to its prototype; ``library`` is
-the raw cosine with the floors the experts carry (``compute_prototype``: the lowest cosine at any position that
-predicts an answer token, the base fallback's threshold today). The tables give, for each task's test prompts and
+the raw cosine with the floor the experts carry for prefix pooling (``compute_prototype``: the lowest cosine at any
+position that predicts an answer token, the prompt router's threshold before prompt floors existed), and
+``prompt_floor`` the raw cosine with the prompt floor they carry (twice the farthest training prompt's distance,
+``ops.prototypes.prompt_floor``; what the recommended router uses). The tables give, for each task's test prompts and
 for prompts no expert learnt (capitals, MMLU explanations, the "shout" task): the share routed to each task's expert
 and to the base model.
 
@@ -65,9 +67,11 @@ def main() -> None:
     probes["shout (no expert)"] = bench.tasks["shout"].test[:100]
     features = {name: prompt_features(model, bench.tokenizer, examples, layer) for name, examples in probes.items()}
     results = {}
-    library_floors = torch.tensor([tuner.expert_prototype(t).floor for t in tasks])
-    for variant, centre in (("library", None), ("raw", None), ("centred", prototypes.mean(dim=0))):
-        floors = library_floors if variant == "library" else torch.stack(
+    carried = {"library": torch.tensor([tuner.expert_prototype(t).floor for t in tasks]),
+               "prompt_floor": torch.tensor([tuner.expert_prototype(t).prompt_floor for t in tasks])}
+    for variant, centre in (("library", None), ("prompt_floor", None), ("raw", None),
+                            ("centred", prototypes.mean(dim=0))):
+        floors = carried[variant] if variant in carried else torch.stack(
             [similarity(train[t], prototypes[i : i + 1], centre).min() for i, t in enumerate(tasks)])
         results[variant] = {"floors": dict(zip(tasks, floors.tolist())),
                             "routes": {name: decisions(similarity(f, prototypes, centre), floors, tasks)
