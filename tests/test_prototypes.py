@@ -460,7 +460,8 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
     tokenizer = tiny_chat_tokenizer()
     model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
     records = task_records("UP", "yes", n=6)
-    prototype = compute_prototype(model, "upper", records, tokenizer)
+    with pytest.warns(UserWarning, match="only 6 examples"):
+        prototype = compute_prototype(model, "upper", records, tokenizer)
     collator = ChatCollator(tokenizer)
     features, seen = [], []
     block = model.base_model.model.model.layers[0]  # the block input itself, not transformers' hidden_states
@@ -514,3 +515,22 @@ def test_own_expert_share_counts_each_kind_of_position_and_the_base_fallback():
     assert own_expert_share(model, tokenizer, load_examples(examples), "upper") == {"question": 0.0, "answer": 0.0}
     shares = routing_shares(model, tokenizer, load_examples(examples))
     assert shares.experts == ["upper", BASE_COLUMN] and torch.all(shares.shares[:, 1] == 1)
+
+
+def test_compute_prototype_warns_only_when_its_floors_rest_on_few_examples():
+    import warnings
+
+    from peft import get_peft_model
+    from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer
+
+    from peft_routing import compute_prototype
+    from peft_routing.workflow.prototypes import FEW_EXAMPLES
+
+    tokenizer = tiny_chat_tokenizer()
+    model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
+    with pytest.warns(UserWarning, match=f"only {FEW_EXAMPLES - 1} examples"):
+        compute_prototype(model, "upper", task_records("UP", "yes", n=FEW_EXAMPLES - 1), tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        prototype = compute_prototype(model, "upper", task_records("UP", "yes", n=FEW_EXAMPLES), tokenizer)
+    assert prototype.examples == FEW_EXAMPLES

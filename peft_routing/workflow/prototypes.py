@@ -11,6 +11,8 @@ n + 1 of the task's own new prompts to the base model.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..ops.prototypes import causal_mean, prompt_floor, prototype_of, similarities
@@ -21,6 +23,7 @@ from .data import ChatExample, as_examples
 from .evaluation import chunks
 
 MAX_PROTOTYPE_EXAMPLES = 128  # REPRO's sample count per task
+FEW_EXAMPLES = 16  # below this the floors come from too few prompts to say where a task's new prompts fall
 
 
 @torch.no_grad()
@@ -51,6 +54,11 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
     floor = float(similarities(answer_features, vector.unsqueeze(0)).min().clamp(-1.0, 1.0))
     prompts_floor = prompt_floor(similarities(prompt_features, vector.unsqueeze(0)).squeeze(1))
     prototype = Prototype(vector, layer, floor, len(examples), prompt_floor=prompts_floor)
+    if len(examples) < FEW_EXAMPLES:
+        warnings.warn(f"compute_prototype({expert!r}) had only {len(examples)} examples: its floors are unreliable, "
+                      "and with fallback='base' the task's own new prompts may run on the base model (with one "
+                      f"example, all but near-copies of it). Give it {FEW_EXAMPLES} or more (REPRO uses 128).",
+                      stacklevel=3)  # past torch.no_grad's wrapper, to the caller
     tuner.set_prototype(expert, prototype)
     return prototype
 
