@@ -53,7 +53,7 @@ from peft_routing.demo.image_tasks import caption_questions  # noqa: E402
 from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
 from peft_routing.io import cache_root, write_json_atomic  # noqa: E402
 from peft_routing.ops.prototypes import PROMPT_FLOOR_SLACK  # noqa: E402
-from peft_routing.tuner.prototype import PROTOTYPE_FILE  # noqa: E402
+from peft_routing.tuner.expert_folder import read_expert_folder  # noqa: E402
 from peft_routing.workflow import (  # noqa: E402
     answer_accuracy,
     answer_nll,
@@ -218,18 +218,12 @@ class Bench:
     def expert(self, task: str) -> tuple[Path, dict[str, Any]]:
         """Task expert + its routing vectors (stage 1 + stage 2) + its prototype, from that task's data alone."""
         folder, meta = self._trained_expert(task)
-        if "prompt_floor" not in self._prototype_fields(folder):  # experts cached before (prompt floors of) prototypes
+        if "prompt_floor" not in (read_expert_folder(folder).config.prototype or {}):  # cached before prompt floors
             model = self.single(folder, task)
             compute_prototype(model, task, self.tasks[task].train, self.tokenizer,
                               max_examples=self.settings.prototype_examples)
             model.save_expert(task, folder, overwrite=True)
         return folder, meta
-
-    @staticmethod
-    def _prototype_fields(folder: Path) -> dict[str, Any]:
-        if not (folder / PROTOTYPE_FILE).is_file():
-            return {}
-        return json.loads((folder / "adapter_config.json").read_text()).get("prototype") or {}
 
     def _trained_expert(self, task: str) -> tuple[Path, dict[str, Any]]:
         key = cache_key(dict(kind="expert", task=task, **self._training_id(), router=(self.settings.router_steps,
