@@ -350,7 +350,6 @@ def test_the_fallback_reads_the_prompt_floor_under_prompt_pooling_and_the_floor_
     ids = token_batch(2, 5)
     with torch.no_grad(), model.disable_adapter():
         base = model(input_ids=ids).logits
-    model.set_phase("route", router="prototype", fallback="base", prototype_pooling=pooling)
     outputs = {}
     for floor, prompt_floor in ((1.0, -1.0), (-1.0, 1.0), (1.0, None)):  # a floor of 1: every position to the base
         _give_prototypes(model, floor=floor, prompt_floor=prompt_floor)
