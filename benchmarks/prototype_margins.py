@@ -14,19 +14,26 @@ position that predicts an answer token, the prompt router's threshold before pro
 for prompts no expert learnt (capitals, MMLU explanations, the "shout" task): the share routed to each task's expert
 and to the base model.
 
-    python benchmarks/prototype_margins.py   # -> results/prototype_margins.json (a few minutes)
+For each prompt set, ``distance_ratio`` gives the smallest and largest distance (1 - cosine) to the nearest
+prototype over that prototype's farthest training prompt's distance: the prompt floor sends a prompt to the base
+model above a ratio of ``PROMPT_FLOOR_SLACK``.
+
+    python benchmarks/prototype_margins.py               # -> results/prototype_margins.json (a few minutes)
+    python benchmarks/prototype_margins.py --multimodal  # the LLaVA half, captions probe included
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import CACHE, RESULTS, Bench, Settings, Store  # noqa: E402
+from continual import CACHE, MULTIMODAL_CHANGES, RESULTS, Bench, Settings, Store  # noqa: E402
 
 from peft_routing.workflow import ChatExample  # noqa: E402
 from peft_routing.workflow.prototypes import prototype_features  # noqa: E402
@@ -51,8 +58,18 @@ def decisions(cos: torch.Tensor, floors: torch.Tensor, names: list[str]) -> dict
     return shares | {"(base)": 100.0 * float(to_base.float().mean())}
 
 
+def distance_ratio(cos: torch.Tensor, farthest: torch.Tensor) -> list[float]:
+    """[min, max] over prompts of the distance to the nearest prototype / its farthest training prompt's."""
+    best, nearest = cos.max(dim=1)
+    ratio = (1 - best) / (1 - farthest[nearest])
+    return [float(ratio.min()), float(ratio.max())]
+
+
 def main() -> None:
-    bench = Bench(Settings(), Store(CACHE))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--multimodal", action="store_true", help="the LLaVA half of continual.py")
+    multimodal = parser.parse_args().multimodal
+    bench = Bench(replace(Settings(), **MULTIMODAL_CHANGES) if multimodal else Settings(), Store(CACHE))
     tasks = list(bench.settings.tasks)
     model = bench.library(tasks)
     tuner = model.base_model
@@ -63,6 +80,9 @@ def main() -> None:
     probes = {f"{t} (test)": bench.tasks[t].test for t in tasks}
     probes["capitals"] = [ChatExample(q.prompt_messages + [{"role": "assistant", "content": options[right]}])
                           for q, options, right in bench.probes["general"]]
+    if "captions" in bench.probes:
+        probes["captions"] = [ChatExample(q.messages + [{"role": "assistant", "content": options[right]}],
+                                          images=q.images) for q, options, right in bench.probes["captions"]]
     probes["mmlu"] = bench.nll_examples[:40]
     probes["shout (no expert)"] = bench.tasks["shout"].test[:100]
     features = {name: prompt_features(model, bench.tokenizer, examples, layer) for name, examples in probes.items()}
@@ -76,13 +96,18 @@ def main() -> None:
         results[variant] = {"floors": dict(zip(tasks, floors.tolist())),
                             "routes": {name: decisions(similarity(f, prototypes, centre), floors, tasks)
                                        for name, f in features.items()}}
+    farthest = torch.stack([similarity(train[t], prototypes[i : i + 1], None).min() for i, t in enumerate(tasks)])
+    results["distance_ratio"] = {name: distance_ratio(similarity(f, prototypes, None), farthest)
+                                 for name, f in features.items()}
+    for name, (low, high) in results["distance_ratio"].items():
+        print(f"{name:<20} distance / farthest training prompt's: {low:.2f} to {high:.2f}")
     header = f"{'prompts':<20}" + "".join(f"{t[:9]:>10}" for t in tasks + ["(base)"])
-    for variant, found in results.items():
+    for variant, found in ((k, v) for k, v in results.items() if k != "distance_ratio"):
         print(f"\n{variant} similarity; floors " + ", ".join(f"{t} {v:.4f}" for t, v in found["floors"].items()))
         print(header)
         for name, shares in found["routes"].items():
             print(f"{name:<20}" + "".join(f"{shares[t]:>10.1f}" for t in tasks + ["(base)"]))
-    out = RESULTS / "prototype_margins.json"
+    out = RESULTS / ("prototype_margins_multimodal.json" if multimodal else "prototype_margins.json")
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
 
