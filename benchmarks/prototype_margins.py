@@ -20,6 +20,9 @@ model above a ratio of ``PROMPT_FLOOR_SLACK``.
 
     python benchmarks/prototype_margins.py               # -> results/prototype_margins.json (a few minutes)
     python benchmarks/prototype_margins.py --multimodal  # the LLaVA half, captions probe included
+
+``last`` and ``text_mean`` are two candidate features that weight the question over the images, decided the same way
+(their own prototypes and floors at twice the farthest training prompt's distance).
 """
 
 from __future__ import annotations
@@ -36,12 +39,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import CACHE, MULTIMODAL_CHANGES, RESULTS, Bench, Settings, Store  # noqa: E402
 
 from peft_routing.workflow import ChatExample  # noqa: E402
+from peft_routing.workflow.collate import IGNORE_INDEX, ChatCollator  # noqa: E402
 from peft_routing.workflow.prototypes import prototype_features  # noqa: E402
 
 
 def prompt_features(model, processor, examples, layer: int) -> torch.Tensor:
     """[n, d] the prompt router's feature of each example's prompt (the library's own: adapters off)."""
     return prototype_features(model, processor, list(examples), layer, 16)[0].float()
+
+
+def question_features(model, processor, examples, layer: int, image_token: int | None) -> dict[str, torch.Tensor]:
+    """Two candidate features that weight the question over the images, at the prompt's last position (base model):
+    ``last``, the normalised hidden state there; ``text_mean``, the mean of normalised states over text positions."""
+    collator, found = ChatCollator(processor), {"last": [], "text_mean": []}
+    with model.disable_adapter(), torch.no_grad():
+        for start in range(0, len(examples), 16):
+            batch = collator(list(examples[start : start + 16]))
+            labels = batch.pop("labels")
+            hidden = torch.nn.functional.normalize(
+                model(**batch, output_hidden_states=True).hidden_states[layer].float(), dim=-1)
+            last = (labels[:, 1:] != IGNORE_INDEX).int().argmax(dim=1)  # the position predicting the answer's first
+            rows = torch.arange(len(last))
+            found["last"].append(hidden[rows, last])
+            text = batch["attention_mask"].bool() & (torch.arange(hidden.shape[1]) <= last[:, None])
+            if image_token is not None:
+                text &= batch["input_ids"] != image_token
+            found["text_mean"].append((hidden * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True))
+    return {name: torch.cat(parts) for name, parts in found.items()}
 
 
 def similarity(features: torch.Tensor, prototypes: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
@@ -101,6 +125,18 @@ def main() -> None:
                                  for name, f in features.items()}
     for name, (low, high) in results["distance_ratio"].items():
         print(f"{name:<20} distance / farthest training prompt's: {low:.2f} to {high:.2f}")
+    image_token = getattr(bench.base.config, "image_token_id", getattr(bench.base.config, "image_token_index", None))
+    candidates = {name: question_features(model, bench.tokenizer, examples, layer, image_token)
+                  for name, examples in {**{t: bench.tasks[t].train[:n_train] for t in tasks}, **probes}.items()}
+    for variant in ("last", "text_mean"):  # prototypes and prompt floors (slack 2) of the candidate features
+        own = {t: candidates[t][variant] for t in tasks}
+        candidate_prototypes = torch.stack([torch.nn.functional.normalize(own[t].mean(0), dim=-1) for t in tasks])
+        lowest = torch.stack([similarity(own[t], candidate_prototypes[i : i + 1], None).min()
+                              for i, t in enumerate(tasks)])
+        floors = 1 - 2 * (1 - lowest)
+        results[f"{variant}, prompt floor"] = {"floors": dict(zip(tasks, floors.tolist())), "routes": {
+            name: decisions(similarity(candidates[name][variant], candidate_prototypes, None), floors, tasks)
+            for name in probes}}
     header = f"{'prompts':<20}" + "".join(f"{t[:9]:>10}" for t in tasks + ["(base)"])
     for variant, found in ((k, v) for k, v in results.items() if k != "distance_ratio"):
         print(f"\n{variant} similarity; floors " + ", ".join(f"{t} {v:.4f}" for t, v in found["floors"].items()))
