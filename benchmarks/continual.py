@@ -348,7 +348,7 @@ def run(settings: Settings, run_name: str, routers_only: bool = False,
         return library
 
     by_position: dict[str, dict[str, dict[str, float]]] = {}
-    image_token = getattr(bench.base.config, "image_token_id", getattr(bench.base.config, "image_token_index", None))
+    image_token = image_token_id(bench.base)
     for method, rule in RULES.items():
         if rules is not None and method not in rules:
             continue
@@ -454,6 +454,11 @@ def run(settings: Settings, run_name: str, routers_only: bool = False,
         "seconds": round(time.perf_counter() - start, 1),
     }
     return results
+
+
+def image_token_id(model) -> int | None:
+    """The image placeholder's token id of a multimodal model (None for a text model)."""
+    return getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
 
 
 def distractor_and_related(bench: Bench, tasks: list[str], methods: dict[str, dict[str, float]], everything):

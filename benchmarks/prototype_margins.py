@@ -22,7 +22,7 @@ model above a ratio of ``PROMPT_FLOOR_SLACK``.
     python benchmarks/prototype_margins.py --multimodal  # the LLaVA half, captions probe included
 
 ``last`` and ``text_mean`` are two candidate features that weight the question over the images, decided the same way
-(their own prototypes and floors at twice the farthest training prompt's distance).
+(their own prototypes and prompt floors, by the library's ``prototype_of`` and ``prompt_floor``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import CACHE, MULTIMODAL_CHANGES, RESULTS, Bench, Settings, Store  # noqa: E402
+from continual import CACHE, MULTIMODAL_CHANGES, RESULTS, Bench, Settings, Store, image_token_id  # noqa: E402
 
+from peft_routing.ops.prototypes import prompt_floor, prototype_of  # noqa: E402
 from peft_routing.workflow import ChatExample  # noqa: E402
 from peft_routing.workflow.collate import IGNORE_INDEX, ChatCollator  # noqa: E402
+from peft_routing.workflow.evaluation import chunks  # noqa: E402
 from peft_routing.workflow.prototypes import prototype_features  # noqa: E402
 
 
@@ -53,8 +55,8 @@ def question_features(model, processor, examples, layer: int, image_token: int |
     ``last``, the normalised hidden state there; ``text_mean``, the mean of normalised states over text positions."""
     collator, found = ChatCollator(processor), {"last": [], "text_mean": []}
     with model.disable_adapter(), torch.no_grad():
-        for start in range(0, len(examples), 16):
-            batch = collator(list(examples[start : start + 16]))
+        for chunk in chunks(list(examples), 16, None):
+            batch = collator(list(chunk))
             labels = batch.pop("labels")
             hidden = torch.nn.functional.normalize(
                 model(**batch, output_hidden_states=True).hidden_states[layer].float(), dim=-1)
@@ -125,15 +127,13 @@ def main() -> None:
                                  for name, f in features.items()}
     for name, (low, high) in results["distance_ratio"].items():
         print(f"{name:<20} distance / farthest training prompt's: {low:.2f} to {high:.2f}")
-    image_token = getattr(bench.base.config, "image_token_id", getattr(bench.base.config, "image_token_index", None))
-    candidates = {name: question_features(model, bench.tokenizer, examples, layer, image_token)
+    candidates = {name: question_features(model, bench.tokenizer, examples, layer, image_token_id(bench.base))
                   for name, examples in {**{t: bench.tasks[t].train[:n_train] for t in tasks}, **probes}.items()}
     for variant in ("last", "text_mean"):  # prototypes and prompt floors (slack 2) of the candidate features
         own = {t: candidates[t][variant] for t in tasks}
-        candidate_prototypes = torch.stack([torch.nn.functional.normalize(own[t].mean(0), dim=-1) for t in tasks])
-        lowest = torch.stack([similarity(own[t], candidate_prototypes[i : i + 1], None).min()
-                              for i, t in enumerate(tasks)])
-        floors = 1 - 2 * (1 - lowest)
+        candidate_prototypes = torch.stack([prototype_of(own[t]) for t in tasks])
+        floors = torch.tensor([prompt_floor(similarity(own[t], candidate_prototypes[i : i + 1], None).squeeze(1))
+                               for i, t in enumerate(tasks)])
         results[f"{variant}, prompt floor"] = {"floors": dict(zip(tasks, floors.tolist())), "routes": {
             name: decisions(similarity(candidates[name][variant], candidate_prototypes, None), floors, tasks)
             for name in probes}}
