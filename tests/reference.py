@@ -96,6 +96,21 @@ def prefix_features(hidden: torch.Tensor, mask: list[bool]) -> list[list[float] 
     return features
 
 
+def last_features(hidden: torch.Tensor, mask: list[bool]) -> list[list[float] | None]:
+    """g_t = h_s / |h_s| for the latest real s <= t of one sequence [S, d]; None where no real position came yet."""
+    features, latest = [], None
+    for t in range(hidden.shape[0]):
+        if mask[t]:
+            h = hidden[t].double().tolist()
+            norm = math.sqrt(sum(x * x for x in h))
+            latest = [x / norm for x in h]
+        features.append(latest)
+    return features
+
+
+FEATURE_REFERENCES = {"causal_mean": prefix_features, "last": last_features}
+
+
 def cosine(a: list[float], b: list[float]) -> float:
     norm_a, norm_b = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
     return sum(x * y for x, y in zip(a, b)) / (norm_a * norm_b) if norm_a and norm_b else 0.0

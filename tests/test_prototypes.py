@@ -10,17 +10,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
-from reference import ExpertTensors, cosine, prefix_features, prototype_rule, routed_delta_biased
+from reference import (
+    FEATURE_REFERENCES,
+    ExpertTensors,
+    cosine,
+    prototype_rule,
+    routed_delta_biased,
+)
 from testing_utils import make_library, token_batch
 
 from peft_routing.ops import RoutingSettings, cpu_kernel
 from peft_routing.ops.dispatch import routed_forward
 from peft_routing.ops.prototypes import (
+    FEATURES,
     PRIOR_TEMPERATURE,
     PROMPT_FLOOR_SLACK,
-    causal_mean,
     decide,
-    prompt_mean,
+    prompt_feature,
     similarities,
 )
 from peft_routing.tuner.prototype import PROTOTYPE_FILE, Prototype, PrototypeError
@@ -54,44 +60,47 @@ def _left_padded(seed: int, batch: int, width: int, dim: int):
     return g, hidden, torch.arange(width).unsqueeze(0) >= pads.unsqueeze(1)
 
 
-@settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 3), width=st.integers(1, 7), dim=st.integers(1, 6), split=st.integers(0, 7),
-       seed=st.integers(0, 10_000))
-def test_causal_mean_matches_the_formula_and_continues_across_chunks(batch, width, dim, split, seed):
+@settings(max_examples=60, deadline=None)
+@given(feature=st.sampled_from(sorted(FEATURES)), batch=st.integers(1, 3), width=st.integers(1, 7),
+       dim=st.integers(1, 6), split=st.integers(0, 7), seed=st.integers(0, 10_000))
+def test_each_feature_matches_its_formula_and_continues_across_chunks(feature, batch, width, dim, split, seed):
     _, hidden, mask = _left_padded(seed, batch, width, dim)
-    pooled, _ = causal_mean(hidden, mask)
+    pool = FEATURES[feature]
+    pooled, _ = pool(hidden, mask)
     split = min(split, width)
-    first, state = causal_mean(hidden[:, :split], mask[:, :split])
-    second, _ = causal_mean(hidden[:, split:], mask[:, split:], state)
+    first, state = pool(hidden[:, :split], mask[:, :split])
+    second, _ = pool(hidden[:, split:], mask[:, split:], state)
     chunked = torch.cat([first, second], dim=1)
     for b in range(batch):
-        want = prefix_features(hidden[b], mask[b].tolist())
-        for t, feature in enumerate(want):
-            expected = torch.tensor(feature if feature is not None else [0.0] * dim, dtype=torch.float64)
+        want = FEATURE_REFERENCES[feature](hidden[b], mask[b].tolist())
+        for t, by_hand in enumerate(want):
+            expected = torch.tensor(by_hand if by_hand is not None else [0.0] * dim, dtype=torch.float64)
             torch.testing.assert_close(pooled[b, t].double(), expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(chunked[b, t].double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def pooled_by_hand(hidden: torch.Tensor, mask: list[bool], pooling: str) -> list[list[float] | None]:
+def pooled_by_hand(hidden: torch.Tensor, mask: list[bool], pooling: str,
+                   feature: str = "causal_mean") -> list[list[float] | None]:
     """Each position's feature: its prefix's, or (pooling "prompt") the whole row's, i.e. its last prefix's."""
-    features = prefix_features(hidden, mask)
+    features = FEATURE_REFERENCES[feature](hidden, mask)
     return features if pooling == "prefix" else [features[-1]] * len(features)
 
 
-@settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 3), width=st.integers(1, 7), extra=st.integers(0, 3), dim=st.integers(1, 6),
-       seed=st.integers(0, 10_000))
-def test_prompt_mean_is_the_whole_prompt_for_every_position_and_later_chunk(batch, width, extra, dim, seed):
+@settings(max_examples=60, deadline=None)
+@given(feature=st.sampled_from(sorted(FEATURES)), batch=st.integers(1, 3), width=st.integers(1, 7),
+       extra=st.integers(0, 3), dim=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_prompt_feature_is_the_whole_prompts_for_every_position_and_later_chunk(feature, batch, width, extra, dim,
+                                                                                seed):
     g, hidden, mask = _left_padded(seed, batch, width, dim)
-    pooled, state = prompt_mean(hidden, mask)
-    later, _ = prompt_mean(torch.randn(batch, extra, dim, generator=g), torch.ones(batch, extra, dtype=torch.bool),
-                           state)
+    pooled, state = prompt_feature(hidden, mask, pooling=feature)
+    later, _ = prompt_feature(torch.randn(batch, extra, dim, generator=g), torch.ones(batch, extra, dtype=torch.bool),
+                              state, feature)
     for b in range(batch):
-        whole = pooled_by_hand(hidden[b], mask[b].tolist(), "prompt")[0]
+        whole = pooled_by_hand(hidden[b], mask[b].tolist(), "prompt", feature)[0]
         expected = torch.tensor(whole if whole is not None else [0.0] * dim, dtype=torch.float64)
         for row in (pooled[b], later[b]):
-            for feature in row:
-                torch.testing.assert_close(feature.double(), expected, atol=1e-5, rtol=1e-5)
+            for got in row:
+                torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)
@@ -145,33 +154,36 @@ def test_every_strategy_applies_the_decision(strategy, rule, num_tokens):
 
 # ---------------------------------------------------------------------------------------------- the whole model
 def _give_prototypes(model, seed: int = 0, floor: float = -1.0, layer: int = 0,
-                     prompt_floor: float | None = None) -> None:
+                     prompt_floor: float | None = None, feature: str = "causal_mean") -> None:
     g = torch.Generator().manual_seed(seed)
     hidden = model.base_model.model.config.hidden_size
     for name in model.base_model.experts:
         vector = torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0)
-        model.base_model.set_prototype(name, Prototype(vector, layer, floor, 8, prompt_floor=prompt_floor))
+        model.base_model.set_prototype(name, Prototype(vector, layer, floor, 8, feature, prompt_floor=prompt_floor))
 
 
-def _floor_between_rows(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+def _floor_between_rows(model, ids: torch.Tensor, mask: torch.Tensor, feature: str) -> float:
     """Midway between the rows' best prompt cosines (prototypes at block 0, whose input is the embeddings)."""
     tuner = model.base_model
     embeddings = tuner.model.model.embed_tokens(ids).detach()
     prototypes = [tuner.expert_prototype(n).vector.double().tolist() for n in tuner.experts]
-    best = [max(cosine(pooled_by_hand(embeddings[b], mask[b].bool().tolist(), "prompt")[0], p) for p in prototypes)
-            for b in range(ids.shape[0])]
+    best = [max(cosine(pooled_by_hand(embeddings[b], mask[b].bool().tolist(), "prompt", feature)[0], p)
+                for p in prototypes) for b in range(ids.shape[0])]
     return (min(best) + max(best)) / 2
 
 
+@pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_route_phase_matches_the_reference_layer_by_layer(rule):
+def test_route_phase_matches_the_reference_layer_by_layer(rule, feature):
     model = make_library("llama", 3, ranks=[2, 4])
     ids = token_batch(2, 7)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row
-    _give_prototypes(model, floor=0.05, prompt_floor=1.0)  # prefix pooling reads the floor, not the prompt floor
+    # prefix pooling reads the floor, not the prompt floor
+    _give_prototypes(model, floor=0.05, prompt_floor=1.0, feature=feature)
     if RULES[rule].get("prototype_pooling") == "prompt":  # one decision per row: a prompt floor between the rows'
-        _give_prototypes(model, floor=1.0, prompt_floor=_floor_between_rows(model, ids, mask))  # best, not floor
+        between = _floor_between_rows(model, ids, mask, feature)  # best, not the floor
+        _give_prototypes(model, floor=1.0, prompt_floor=between, feature=feature)
     model.set_phase("route", **RULES[rule])
     tuner = model.base_model
     blocks = tuner.model.model.layers
@@ -194,8 +206,8 @@ def test_route_phase_matches_the_reference_layer_by_layer(rule):
     floors = [getattr(tuner.expert_prototype(n), "prompt_floor" if prompt_pooling else "floor") for n in names]
     rules = []
     for b in range(ids.shape[0]):
-        for feature in pooled_by_hand(captured["h"][b], mask[b].bool().tolist(), routing.prototype_pooling):
-            rules.append(prototype_rule(feature, prototypes, floors, **_rule_args(routing)))
+        for pooled in pooled_by_hand(captured["h"][b], mask[b].bool().tolist(), routing.prototype_pooling, feature):
+            rules.append(prototype_rule(pooled, prototypes, floors, **_rule_args(routing)))
     layer_rule = routing.layer_rule
     kept_out = 0
     for layer, x, out in calls:
@@ -213,10 +225,11 @@ def test_route_phase_matches_the_reference_layer_by_layer(rule):
         assert 0 < kept_out < len(calls) * len(rules), "the floor should keep some positions out, not all"
 
 
+@pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("rule", ["prototype", "restrict_2", "fallback"])
-def test_generate_with_kv_cache_left_padding_and_beams_matches_no_cache(rule):
+def test_generate_with_kv_cache_left_padding_and_beams_matches_no_cache(rule, feature):
     model = make_library("llama", 3)
-    _give_prototypes(model, floor=0.05)
+    _give_prototypes(model, floor=0.05, feature=feature)
     model.set_phase("route", **RULES[rule])
     ids = token_batch(2, 6, seed=3)
     mask = torch.ones_like(ids)
@@ -235,11 +248,12 @@ def test_generate_with_kv_cache_left_padding_and_beams_matches_no_cache(rule):
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("beams", [1, 2])
-def test_prompt_pooling_generates_what_the_prompts_nearest_expert_alone_generates(beams):
+def test_prompt_pooling_generates_what_the_prompts_nearest_expert_alone_generates(beams, feature):
     """REPRO's two passes written out: pick each row's expert from its prompt, then generate with that expert."""
     model = make_library("llama", 3)
-    _give_prototypes(model, seed=5)
+    _give_prototypes(model, seed=5, feature=feature)
     tuner = model.base_model
     ids = token_batch(3, 6, seed=4)
     mask = torch.ones_like(ids)
@@ -251,7 +265,7 @@ def test_prompt_pooling_generates_what_the_prompts_nearest_expert_alone_generate
     prototypes = [tuner.expert_prototype(n).vector.double().tolist() for n in tuner.experts]
     chosen = []
     for b in range(ids.shape[0]):
-        whole = pooled_by_hand(embeddings[b], mask[b].bool().tolist(), "prompt")[0]
+        whole = pooled_by_hand(embeddings[b], mask[b].bool().tolist(), "prompt", feature)[0]
         cos = [cosine(whole, p) for p in prototypes]
         chosen.append(tuner.experts[max(range(len(cos)), key=cos.__getitem__)])
     assert len(set(chosen)) > 1, "the rows should pick different experts, or the test shows little"
@@ -289,7 +303,7 @@ def test_prompt_positions_make_a_teacher_forced_pass_route_as_generation_does():
             model(input_ids=ids, attention_mask=mask)
 
 
-def test_a_cache_built_with_the_other_pooling_is_refused():
+def test_a_cache_built_with_the_other_pooling_or_feature_is_refused():
     model = make_library("llama", 2)
     _give_prototypes(model)
     ids = token_batch(1, 5)
@@ -297,6 +311,12 @@ def test_a_cache_built_with_the_other_pooling_is_refused():
         model.set_phase("route", router="prototype")
         past = model(input_ids=ids, use_cache=True).past_key_values
         model.set_phase("route", router="prototype", prototype_pooling="prompt")
+        with pytest.raises(PrototypeRoutingError, match="same router and pooling"):
+            model(input_ids=ids[:, :1], cache=past)
+        model.set_phase("route", router="prototype")
+        past = model(input_ids=ids, use_cache=True).past_key_values
+        _give_prototypes(model, feature="last")
+        model.set_phase("route", router="prototype")
         with pytest.raises(PrototypeRoutingError, match="same router and pooling"):
             model(input_ids=ids[:, :1], cache=past)
 
@@ -375,12 +395,13 @@ def test_token_router_is_unchanged_by_prototypes():
 
 
 # --------------------------------------------------------------------------------------------- on disk and back
+@pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("plain", [False, True])
-def test_prototypes_round_trip_through_every_way_in(tmp_path, plain):
+def test_prototypes_round_trip_through_every_way_in(tmp_path, plain, feature):
     from testing_utils import make_base
 
     model = make_library("llama", 2)
-    _give_prototypes(model, floor=0.25, prompt_floor=0.5)
+    _give_prototypes(model, floor=0.25, prompt_floor=0.5, feature=feature)
     want = {n: model.base_model.expert_prototype(n) for n in model.base_model.experts}
     for name in want:
         model.save_expert(name, tmp_path / name, as_plain_lora=plain)
@@ -449,7 +470,8 @@ def test_bad_prototypes_are_refused_and_the_model_is_unchanged(tmp_path, how):
         assert torch.equal(model(input_ids=ids).logits, before)
 
 
-def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_one():
+@pytest.mark.parametrize("feature, layer", [("causal_mean", 0), ("last", 1)])
+def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_one(feature, layer):
     from peft import get_peft_model
     from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer
 
@@ -460,10 +482,10 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
     model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
     records = task_records("UP", "yes", n=6)
     with pytest.warns(UserWarning, match="only 6 examples"):
-        prototype = compute_prototype(model, "upper", records, tokenizer)
+        prototype = compute_prototype(model, "upper", records, tokenizer, layer=layer, pooling=feature)
     collator = ChatCollator(tokenizer)
     features, seen = [], []
-    block = model.base_model.model.model.layers[0]  # the block input itself, not transformers' hidden_states
+    block = model.base_model.model.model.layers[layer]  # the block input itself, not transformers' hidden_states
     handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
         (args[0] if args else kwargs["hidden_states"])[0]), with_kwargs=True)
     with torch.no_grad(), model.disable_adapter():
@@ -471,7 +493,7 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
             batch = collator.prompts([example])
             model(**batch)
             hidden = seen.pop()
-            last = prefix_features(hidden, batch["attention_mask"][0].bool().tolist())[-1]
+            last = FEATURE_REFERENCES[feature](hidden, batch["attention_mask"][0].bool().tolist())[-1]
             norm = math.sqrt(sum(x * x for x in last))
             features.append([x / norm for x in last])
     handle.remove()
@@ -482,10 +504,38 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
                                atol=1e-5, rtol=1e-4)
     farthest = max(1.0 - sum(a * b for a, b in zip(feature, reference)) for feature in features)
     assert prototype.prompt_floor == pytest.approx(1.0 - PROMPT_FLOOR_SLACK * farthest, abs=1e-5)
-    assert prototype.layer == 0 and prototype.examples == 6 and -1 <= prototype.floor <= 1
-    learn_task(model, "lower", task_records("lo", "no", n=6), tokenizer, expert_args=dict(max_steps=1),
-               router_args=dict(max_steps=1, per_device_train_batch_size=2))
-    assert model.base_model.expert_prototype("lower").examples == 6
+    assert (prototype.layer, prototype.pooling, prototype.examples) == (layer, feature, 6)
+    assert -1 <= prototype.floor <= 1
+    if feature == "causal_mean":
+        learn_task(model, "lower", task_records("lo", "no", n=6), tokenizer, expert_args=dict(max_steps=1),
+                   router_args=dict(max_steps=1, per_device_train_batch_size=2))
+        assert model.base_model.expert_prototype("lower").examples == 6
+
+
+def test_compute_prototype_refuses_the_last_feature_at_block_0_and_unknown_features():
+    from peft import get_peft_model
+    from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer
+
+    from peft_routing import compute_prototype
+
+    model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
+    records = task_records("UP", "yes", n=16)
+    with pytest.raises(ValueError, match="token embedding"):
+        compute_prototype(model, "upper", records, tiny_chat_tokenizer(), pooling="last")  # block 0 is adapted
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        compute_prototype(model, "upper", records, tiny_chat_tokenizer(), pooling="max")
+    assert model.base_model.expert_prototype("upper") is None
+
+
+def test_a_library_whose_prototypes_pool_different_features_is_refused():
+    model = make_library("llama", 2)
+    _give_prototypes(model)
+    prototype = model.base_model.expert_prototype("expert_1")
+    prototype.pooling = "last"
+    model.base_model.set_prototype("expert_1", prototype)
+    model.set_phase("route", router="prototype")
+    with pytest.raises(PrototypeRoutingError, match="pool different features"):
+        model(input_ids=token_batch(1, 4))
 
 
 def test_own_expert_share_counts_each_kind_of_position_and_the_base_fallback():

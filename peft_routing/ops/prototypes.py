@@ -2,13 +2,17 @@
 
 A task's prototype is REPRO's: the normalised mean, over at most 128 of the task's training prompts, of the
 prompt's feature. Here the feature is taken in the routed forward itself, so no second pass is needed: at position t
-of a sequence it is the mean of the normalised hidden states entering the prototype layer over the prefix,
+of a sequence it pools the hidden states h_s entering the prototype layer over the prefix s <= t (padding skipped),
+by one of two features (the prototype's ``pooling``):
 
-    g_t = mean_{s <= t, s not padding} h_s / |h_s|          (causal_mean; a running sum carries it across a KV cache)
+    causal_mean:  g_t = mean_{s <= t} h_s / |h_s|     (every position alike, image tokens included)
+    last:         g_t = h_t / |h_t|                    (the latest position, which attention has let read the
+                                                         whole prefix: weighted towards the question)
 
-and at the end of a prompt g_t is the prompt's feature the prototype was built from. With ``prototype_pooling=
-"prompt"`` every position of a sequence uses its prompt's g (the g of the prompt's last real position; prompt_mean),
-generated tokens included: REPRO's one choice per sequence, taken inside the forward. With c_tj = cos(g_t, p_j):
+A running state carries either across a KV cache, and at the end of a prompt g_t is the prompt's feature the
+prototype was built from. With ``prototype_pooling="prompt"`` every position of a sequence uses its prompt's g (the
+g of the prompt's last real position; ``prompt_feature``), generated tokens included: REPRO's one choice per
+sequence, taken inside the forward. With c_tj = cos(g_t, p_j):
 
     router "prototype":        only the nearest prototype's expert, at full weight;
     router "token+prototype":  the token scores restricted to the ``prototype_candidates`` nearest experts where the
@@ -45,7 +49,8 @@ PROMPT_FLOOR_SLACK = 2.0
 
 @dataclass
 class PrefixState:
-    """Running prefix sums of a batch: normalised features summed [B, d] (float32) and real positions counted [B]."""
+    """A batch's pooling so far: the normalised features the pooled feature averages, summed [B, d] (float32), and
+    how many they are [B] (causal_mean: every real position; last: the latest one, so 0 or 1)."""
 
     total: torch.Tensor
     count: torch.Tensor
@@ -82,18 +87,46 @@ def causal_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
     return pooled, PrefixState(total[:, -1], count[:, -1])
 
 
-def prompt_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
+def causal_last(hidden: torch.Tensor, mask: torch.Tensor | None,
                 state: PrefixState | None = None) -> tuple[torch.Tensor, PrefixState]:
+    """g_t = the normalised hidden state of the latest real position s <= t, for every position of a chunk [B, S, d]
+    continuing ``state``, in float32. A position with no real position in its prefix gets the zero vector.
+
+    Args:
+        hidden: [B, S, d] hidden states entering the prototype layer.
+        mask: [B, S], True at real positions (None: all real).
+        state: the pooling before this chunk (None: the chunk starts the sequences).
+    """
+    features = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    batch, width, size = features.shape
+    real = torch.ones((batch, width), dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    positions = torch.arange(width, device=hidden.device).expand(batch, width)
+    latest = torch.where(real, positions, -1).cummax(dim=1).values  # [B, S]: -1 before the chunk's first real one
+    gathered = features.gather(1, latest.clamp(min=0).unsqueeze(-1).expand(-1, -1, size))
+    before = features.new_zeros(batch, size) if state is None else state.total
+    pooled = torch.where((latest >= 0).unsqueeze(-1), gathered, before.unsqueeze(1))
+    seen = real.any(dim=1).long() if state is None else real.any(dim=1).long() | state.count.long()
+    if width == 0:
+        return pooled, state or PrefixState(before, seen)
+    return pooled, PrefixState(pooled[:, -1], seen)
+
+
+FEATURES = {"causal_mean": causal_mean, "last": causal_last}  # a prototype's ``pooling`` -> its feature
+
+
+def prompt_feature(hidden: torch.Tensor, mask: torch.Tensor | None, state: PrefixState | None = None,
+                   pooling: str = "causal_mean") -> tuple[torch.Tensor, PrefixState]:
     """The prompt's feature g at every position of a chunk [B, S, d]: a chunk that starts the sequences is their
     prompt; a later chunk (``state`` given) keeps the prompt's feature, so the sequence keeps its choice.
 
     Args:
         hidden: [B, S, d] hidden states entering the prototype layer.
         mask: [B, S], True at real positions (None: all real).
-        state: the prompt's sums (None: this chunk is the prompt).
+        state: the prompt's pooling (None: this chunk is the prompt).
+        pooling: the prototypes' feature, a key of ``FEATURES``.
     """
     if state is None:
-        _, state = causal_mean(hidden, mask)
+        _, state = FEATURES[pooling](hidden, mask)
     total = state.total / state.count.clamp(min=1).unsqueeze(-1).to(state.total.dtype)
     return total.unsqueeze(1).expand(-1, hidden.shape[1], -1), state
 
@@ -177,7 +210,7 @@ def prototype_of(prompt_features: torch.Tensor) -> torch.Tensor:
     """A task's prototype from its prompts' features [n, d]: the normalised mean of the normalised features.
 
     Args:
-        prompt_features: ``causal_mean`` at each training prompt's last position.
+        prompt_features: the prototype's feature (``FEATURES``) at each training prompt's last position.
     """
     mean = torch.nn.functional.normalize(prompt_features.float(), dim=-1).mean(dim=0)
     return torch.nn.functional.normalize(mean, dim=0)

@@ -1,8 +1,9 @@
 """An expert's task prototype: what it is, how it travels in an expert folder, and its checks.
 
 The vector lives in ``prototype.safetensors`` (key ``"prototype"``) beside the adapter files; what it was computed
-from lives in the config's ``prototype`` field: ``{"layer": block whose input is pooled, "pooling": "causal_mean",
-"examples": prompts averaged, "floor": the lowest cosine of the task's own examples}``. No training data is kept.
+from lives in the config's ``prototype`` field: ``{"layer": block whose input is pooled, "pooling": the prompt feature
+(``"causal_mean"`` or ``"last"``, ``ops.prototypes``), "examples": prompts averaged, "floor": the lowest cosine of
+the task's own examples}``. No training data is kept.
 Everything read here comes from a file someone else may have written, so every field is checked before use.
 """
 
@@ -21,7 +22,7 @@ from ..io.hub import fetch_file
 
 PROTOTYPE_FILE = "prototype.safetensors"
 PROTOTYPE_KEY = "prototype"
-POOLINGS = ("causal_mean",)
+POOLINGS = ("causal_mean", "last")  # the keys of ops.prototypes.FEATURES
 REQUIRED_FIELDS = frozenset({"layer", "pooling", "examples", "floor"})
 
 

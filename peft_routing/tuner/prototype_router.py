@@ -23,11 +23,11 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..ops.prototypes import PrefixState, PrototypeDecision, causal_mean, decide, prompt_mean, similarities
+from ..ops.prototypes import FEATURES, PrefixState, PrototypeDecision, decide, prompt_feature, similarities
 from ..ops.settings import RoutingSettings
 from .prototype import Prototype
 
-_STATE = "_peft_routing_prefix"  # (PrefixState, positions seen, pooling) on a cache object
+_STATE = "_peft_routing_prefix"  # (PrefixState, positions seen, (pooling, feature)) on a cache object
 _FOLLOWED = "_peft_routing_follows"
 
 
@@ -73,7 +73,7 @@ class PrototypeRouter:
             ordered = [prototypes[name] for name in self.experts]
             self.prototypes = torch.stack([p.vector for p in ordered])
             self.floors = torch.tensor([p.floor_for(settings.prototype_pooling) for p in ordered])
-            self.layer = ordered[0].layer
+            self.layer, self.feature = ordered[0].layer, ordered[0].pooling
         self._attach(model, layers)
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -91,6 +91,10 @@ class PrototypeRouter:
         if len(set(taken_at.values())) > 1:
             return (f"the prototypes were taken at different blocks {taken_at}; recompute them at one block "
                     "(compute_prototype(..., layer=...)).")
+        pooled_by = {name: prototypes[name].pooling for name in self.experts}
+        if len(set(pooled_by.values())) > 1:
+            return (f"the prototypes pool different features {pooled_by}; recompute them with one "
+                    "(compute_prototype(..., pooling=...)).")
         layer = next(iter(taken_at.values()))
         if not 0 <= layer < len(self._blocks):
             return f"the prototypes were taken at block {layer}; this model has {len(self._blocks)} blocks."
@@ -138,12 +142,12 @@ class PrototypeRouter:
         batch, width = hidden.shape[:2]
         mask, state = self._chunk_mask(batch, width), self._prefix_state()
         if self.settings.prototype_pooling == "prompt":
-            pooled, state = prompt_mean(hidden, self._only_prompt(mask, hidden, state), state)
+            pooled, state = prompt_feature(hidden, self._only_prompt(mask, hidden, state), state, self.feature)
         else:
-            pooled, state = causal_mean(hidden, mask, state)
+            pooled, state = FEATURES[self.feature](hidden, mask, state)
         cosines = similarities(pooled.reshape(batch * width, -1), self.prototypes.to(hidden.device))
         self.current = decide(cosines, self.floors.to(hidden.device), self.settings)
-        self._pending = (state, self._past + width, self.settings.prototype_pooling)
+        self._pending = (state, self._past + width, self._pooling)
 
     def _after_language_model(self, module, args, kwargs, output) -> None:
         cache = getattr(output, "past_key_values", None) or getattr(output, "cache", None) or self._cache
@@ -176,11 +180,16 @@ class PrototypeRouter:
         if self._past == 0:
             return None
         stored = getattr(self._cache, _STATE, None)
-        if stored is None or stored[1:] != (self._past, self.settings.prototype_pooling):
+        if stored is None or stored[1:] != (self._past, self._pooling):
             raise PrototypeRoutingError(
                 "prototype routing cannot continue this KV cache: it was not built by a routed forward with the "
                 "same router and pooling, or it was cropped. Run the whole sequence again without the cache.")
         return stored[0]
+
+    @property
+    def _pooling(self) -> tuple[str, str]:
+        """What a cache's state was pooled by: a cache continues only under the same pooling and feature."""
+        return self.settings.prototype_pooling, self.feature
 
     # ------------------------------------------------------------------------------------------------ layers
     def decision_for(self, names: list[str], num_tokens: int) -> PrototypeDecision:
@@ -208,7 +217,7 @@ class PrototypeRouter:
         return None if columns is None else columns.to(device)
 
 
-def _store(cache, state: PrefixState, seen: int, pooling: str) -> None:
+def _store(cache, state: PrefixState, seen: int, pooling: tuple[str, str]) -> None:
     """Keep the prefix sums on the cache object, and make its row selections carry them along."""
     setattr(cache, _STATE, (state, seen, pooling))
     if getattr(cache, _FOLLOWED, False):

@@ -1,12 +1,12 @@
 """Computing an expert's task prototype from the task's own examples (REPRO's, at the block the router pools).
 
-The prototype is the normalised mean of the prompts' features: at each prompt's last position, the causal mean of
-the normalised hidden states entering the prototype block (``ops.prototypes.causal_mean``), on the base model
-(adapters off). The floor is the lowest cosine to the prototype at any position that predicts an answer token of
-these examples: a prefix farther than that from every prototype looks like no task the library learnt (prefix
-pooling). The prompt floor does the same for whole prompts (prompt pooling): the farthest training prompt's
-distance, with slack (``ops.prototypes.prompt_floor``), since a floor at the farthest of n prompts would send 1 in
-n + 1 of the task's own new prompts to the base model.
+The prototype is the normalised mean of the prompts' features at each prompt's last position, taken from the
+hidden states entering the prototype block on the base model (adapters off): their causal mean (``"causal_mean"``)
+or the normalised state at that position alone (``"last"``; ``ops.prototypes.FEATURES``). The floor is the lowest
+cosine to the prototype at any position that predicts an answer token of these examples: a prefix farther than that
+from every prototype looks like no task the library learnt (prefix pooling). The prompt floor does the same for
+whole prompts (prompt pooling): the farthest training prompt's distance, with slack (``ops.prototypes.prompt_floor``),
+since a floor at the farthest of n prompts would send 1 in n + 1 of the task's own new prompts to the base model.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import warnings
 
 import torch
 
-from ..ops.prototypes import causal_mean, prompt_floor, prototype_of, similarities
-from ..tuner.prototype import Prototype
+from ..ops.prototypes import FEATURES, prompt_floor, prototype_of, similarities
+from ..tuner.prototype import POOLINGS, Prototype
 from ..tuner.prototype_router import decoder_blocks
 from .collate import IGNORE_INDEX, ChatCollator
 from .data import ChatExample, as_examples
@@ -28,7 +28,7 @@ FEW_EXAMPLES = 16  # below this the floors come from too few prompts to say wher
 
 @torch.no_grad()
 def compute_prototype(model, expert: str, data, processor, *, max_examples: int = MAX_PROTOTYPE_EXAMPLES,
-                      layer: int | None = None, batch_size: int = 16) -> Prototype:
+                      layer: int | None = None, pooling: str = "causal_mean", batch_size: int = 16) -> Prototype:
     """Compute ``expert``'s prototype from at most ``max_examples`` of its task's examples and give it to the expert.
 
     Nothing of the data is kept; ``model.save_expert`` writes the prototype into the expert folder.
@@ -40,6 +40,9 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
         processor: the model's tokenizer or multimodal processor.
         max_examples: use at most this many examples (the first ones).
         layer: the decoder block whose input is pooled (default: the lowest block any expert adapts).
+        pooling: the prompt feature, ``"causal_mean"`` (every prompt position alike, image tokens included) or
+            ``"last"`` (the prompt's last position, which has read the whole prompt; weighted towards the question).
+            Every expert of a library routed by prototypes needs the same layer and pooling.
         batch_size: examples per forward pass.
     """
     tuner = model.base_model
@@ -49,11 +52,12 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
     if not examples:
         raise ValueError(f"compute_prototype needs at least one example of {expert!r}'s task.")
     layer = lowest_adapted_block(tuner) if layer is None else layer
-    prompt_features, answer_features = prototype_features(model, processor, examples, layer, batch_size)
+    check_pooling(pooling, layer)
+    prompt_features, answer_features = prototype_features(model, processor, examples, layer, batch_size, pooling)
     vector = prototype_of(prompt_features)
     floor = float(similarities(answer_features, vector.unsqueeze(0)).min().clamp(-1.0, 1.0))
     prompts_floor = prompt_floor(similarities(prompt_features, vector.unsqueeze(0)).squeeze(1))
-    prototype = Prototype(vector, layer, floor, len(examples), prompt_floor=prompts_floor)
+    prototype = Prototype(vector, layer, floor, len(examples), pooling, prompt_floor=prompts_floor)
     if len(examples) < FEW_EXAMPLES:
         warnings.warn(f"compute_prototype({expert!r}) had only {len(examples)} examples: its floors are unreliable, "
                       "and with fallback='base' the task's own new prompts may run on the base model (with one "
@@ -61,6 +65,16 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
                       stacklevel=3)  # past torch.no_grad's wrapper, to the caller
     tuner.set_prototype(expert, prototype)
     return prototype
+
+
+def check_pooling(pooling: str, layer: int) -> None:
+    """Refuse an unknown pooling, and ``"last"`` at block 0, whose input at a position is that token's embedding
+    alone: every prompt ending in the chat template's assistant header would get the same feature."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    if pooling == "last" and layer == 0:
+        raise ValueError("pooling='last' needs a block above the first (block 0's input is the token embedding, "
+                         "the same for every prompt's last token); give layer >= 1 or pooling='causal_mean'.")
 
 
 def lowest_adapted_block(tuner) -> int:
@@ -77,8 +91,8 @@ def lowest_adapted_block(tuner) -> int:
 
 
 @torch.no_grad()
-def prototype_features(model, processor, examples: list[ChatExample], layer: int,
-                       batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prototype_features(model, processor, examples: list[ChatExample], layer: int, batch_size: int,
+                       pooling: str = "causal_mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt features [n, d] (at each prompt's last position) and features at every answer-predicting position."""
     collator = ChatCollator(processor)
     prompts, answers = [], []
@@ -87,7 +101,7 @@ def prototype_features(model, processor, examples: list[ChatExample], layer: int
             batch = collator(list(chunk))
             labels = batch.pop("labels")
             hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
-            pooled, _ = causal_mean(hidden, batch["attention_mask"])
+            pooled, _ = FEATURES[pooling](hidden, batch["attention_mask"])
             predicts_answer = torch.zeros_like(labels, dtype=torch.bool)
             predicts_answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
             first = predicts_answer.int().argmax(dim=1)  # left padding: the prompt's last position
