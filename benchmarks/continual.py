@@ -54,6 +54,7 @@ from peft_routing.demo.tasks import capital_questions, make_task  # noqa: E402
 from peft_routing.io import cache_root, write_json_atomic  # noqa: E402
 from peft_routing.ops.prototypes import PROMPT_FLOOR_SLACK  # noqa: E402
 from peft_routing.tuner.expert_folder import read_expert_folder  # noqa: E402
+from peft_routing.tuner.prototype import Prototype, prototype_from  # noqa: E402
 from peft_routing.workflow import (  # noqa: E402
     answer_accuracy,
     answer_nll,
@@ -65,6 +66,7 @@ from peft_routing.workflow import (  # noqa: E402
     routing_shares,
     train_expert,
 )
+from peft_routing.workflow.prototypes import DEFAULT_FEATURE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = cache_root() / "continual"
@@ -122,11 +124,33 @@ PROTOTYPE_ROUTERS = {
     "routing_prompt_base": dict(router="prototype", prototype_pooling="prompt", fallback="base"),
     "routing_tp_prompt_restrict2_base": dict(router="token+prototype", prototype_candidates=2, top_k=2,
                                              score_norm="standardize", fallback="base", prototype_pooling="prompt"),
+    # prototypes of the prompt's last position (compute_prototype(pooling="last")): weighted towards the question
+    "routing_last_prompt_base": dict(router="prototype", prototype_pooling="prompt", fallback="base",
+                                     prototype_feature="last"),
+    "routing_tp_last_prompt_restrict2_base": dict(router="token+prototype", prototype_candidates=2, top_k=2,
+                                                  score_norm="standardize", fallback="base",
+                                                  prototype_pooling="prompt", prototype_feature="last"),
 }
+# A rule's one key that is not a set_phase field: the experts' prototype feature (compute_prototype's pooling).
+FEATURE_KEY = "prototype_feature"
 RULES = {**TOKEN_ROUTERS, **PROTOTYPE_ROUTERS}
-RECOMMENDED = "routing_prompt_base"
-if RULES[RECOMMENDED] != peft_routing.RECOMMENDED_ROUTER:
-    raise RuntimeError(f"RULES[{RECOMMENDED!r}] must be peft_routing.RECOMMENDED_ROUTER, which the README recommends.")
+RECOMMENDED = "routing_last_prompt_base"
+
+
+def phase_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """The complete set_phase("route", ...) keywords of a rule (without the prototype feature)."""
+    return {**TOKEN_RULE, **{k: v for k, v in rule.items() if k != FEATURE_KEY}}
+
+
+def feature_of(rule: dict[str, Any]) -> str:
+    """The prototype feature a rule's library carries."""
+    return rule.get(FEATURE_KEY, "causal_mean")
+
+
+if {k: v for k, v in RULES[RECOMMENDED].items() if k != FEATURE_KEY} != peft_routing.RECOMMENDED_ROUTER or \
+        feature_of(RULES[RECOMMENDED]) != DEFAULT_FEATURE:
+    raise RuntimeError(f"RULES[{RECOMMENDED!r}] must be peft_routing.RECOMMENDED_ROUTER over prototypes of "
+                       "compute_prototype's default feature, which the README recommends.")
 POSITION_EXAMPLES = 16  # test examples per task for the routing accuracy by kind of position
 
 
@@ -257,14 +281,31 @@ class Bench:
                                                              examples=report.steps * self.settings.batch_size))
 
     # ------------------------------------------------------------------------------------------- models
-    def library(self, names) -> Any:
-        """The base model with these experts (cached folders), in the route phase."""
+    def library(self, names, feature: str = "causal_mean") -> Any:
+        """The base model with these experts (cached folders), in the route phase, their prototypes pooling
+        ``feature`` (an expert carrying another is given one, computed once and cached)."""
         names = list(names)
         model = PeftModel.from_pretrained(copy.deepcopy(self.base), self.expert(names[0])[0], adapter_name=names[0])
         for name in names[1:]:
             model.add_expert(self.expert(name)[0], adapter_name=name)
+        for name in names:
+            if getattr(model.base_model.expert_prototype(name), "pooling", None) != feature:
+                model.base_model.set_prototype(name, self.prototype(name, feature))
         model.set_phase("route")
         return model.eval()
+
+    def prototype(self, task: str, feature: str) -> Prototype:
+        """``task``'s expert's prototype pooling ``feature``, computed from the same training examples."""
+        folder = self.expert(task)[0]
+
+        def compute() -> dict[str, Any]:
+            found = compute_prototype(self.single(folder, task), task, self.tasks[task].train, self.tokenizer,
+                                      max_examples=self.settings.prototype_examples, pooling=feature)
+            return dict(fields=found.fields(), vector=found.vector.tolist())
+
+        record = self.store.record(cache_key(dict(kind="prototype", expert=folder.name, feature=feature,
+                                                  n=self.settings.prototype_examples)), compute)
+        return prototype_from(record["fields"], torch.tensor(record["vector"]), f"{task} ({feature})")
 
     def single(self, folder: Path, name: str) -> Any:
         model = PeftModel.from_pretrained(copy.deepcopy(self.base), folder, adapter_name=name)
@@ -278,7 +319,7 @@ class Bench:
         s, rule = self.settings, {**TOKEN_RULE, **(rule or {})}
         found = {"m": "routing", "experts": list(experts), "top_k": rule["top_k"], "score_norm": rule["score_norm"],
                  "router": [s.router_steps, s.router_lr]}
-        others = {k: v for k, v in rule.items() if k not in ("top_k", "score_norm") and v != TOKEN_RULE[k]}
+        others = {k: v for k, v in rule.items() if k not in ("top_k", "score_norm") and v != TOKEN_RULE.get(k)}
         if others:  # the token rules keep the keys they always had
             found["rule"] = {**others, "prototype_examples": s.prototype_examples}
         if rule["fallback"] == "base" and rule["prototype_pooling"] == "prompt":  # the prompt floor decides
@@ -287,8 +328,8 @@ class Bench:
 
     def routed_library(self, names, rule: dict[str, Any]) -> Any:
         """The library of ``names`` in the route phase under ``rule`` (every field set, none left from before)."""
-        model = self.library(names)
-        model.set_phase("route", **{**TOKEN_RULE, **rule})
+        model = self.library(names, feature_of(rule))
+        model.set_phase("route", **phase_rule(rule))
         return model
 
     def scores(self, model_id: dict[str, Any], build: Callable[[], Any], items) -> dict[str, float]:
@@ -339,13 +380,14 @@ def run(settings: Settings, run_name: str, routers_only: bool = False,
 
     # ours: routing over the task experts, by every rule compared (token rules, then the prototype routers)
     everything = everything + [NLL]
-    library = None
+    libraries: dict[str, Any] = {}  # by prototype feature
 
     def routed(rule):
-        nonlocal library
-        library = library or bench.library(tasks)
-        library.set_phase("route", **{**TOKEN_RULE, **rule})
-        return library
+        feature = feature_of(rule)
+        if feature not in libraries:
+            libraries[feature] = bench.library(tasks, feature)
+        libraries[feature].set_phase("route", **phase_rule(rule))
+        return libraries[feature]
 
     by_position: dict[str, dict[str, dict[str, float]]] = {}
     image_token = image_token_id(bench.base)

@@ -239,7 +239,9 @@ ROUTER_RULES = {  # the prototype routers against the token rule, top-2; floors 
     "prototype,prompt": dict(router="prototype", fallback="base", prototype_pooling="prompt"),
     "token+prototype,prompt": dict(router="token+prototype", prototype_candidates=2, fallback="base",
                                    prototype_pooling="prompt"),
+    "prototype,prompt,last": dict(router="prototype", fallback="base", prototype_pooling="prompt"),
 }
+LAST_FEATURE = {"prototype,prompt,last"}  # rules over prototypes of the prompt's last position (else causal_mean)
 
 
 def routers(setup: Setup) -> dict:
@@ -248,11 +250,12 @@ def routers(setup: Setup) -> dict:
     systems = {"base": forward_fn(built("base", setup), ids)}
     for n in [n for n in setup.library_sizes if n in (8, 64)] or setup.library_sizes[-1:]:
         model = built(f"ours:N={n},k=2", setup)
-        _random_prototypes(model)
         for label, rule in ROUTER_RULES.items():
             full = asdict(RoutingSettings(top_k=2)) | rule
+            feature = "last" if label in LAST_FEATURE else "causal_mean"
 
-            def prepare(model=model, full=full):
+            def prepare(model=model, full=full, feature=feature):
+                _random_prototypes(model, feature)
                 model.set_phase("route", **full)
                 model.set_routing_strategy("auto")
 
@@ -292,7 +295,7 @@ def _print_compiled(timed: dict) -> None:
         print(f"{name:<26}{row['ms']:>9.1f}{row['ratio']:>9.3f}{versus:>17.3f}{compile_s}")
 
 
-def _random_prototypes(model) -> None:
+def _random_prototypes(model, feature: str = "causal_mean") -> None:
     from peft_routing.tuner.prototype import Prototype
 
     generator = torch.Generator().manual_seed(0)
@@ -300,7 +303,7 @@ def _random_prototypes(model) -> None:
     width = tuner.model.config.hidden_size
     for name in tuner.experts:
         vector = torch.nn.functional.normalize(torch.randn(width, generator=generator), dim=0)
-        tuner.set_prototype(name, Prototype(vector, 0, -1.0, 128))
+        tuner.set_prototype(name, Prototype(vector, 0, -1.0, 128, feature))
 
 
 def _graphed_systems(setup: Setup, ids: torch.Tensor) -> dict:

@@ -512,6 +512,19 @@ def test_compute_prototype_is_the_mean_prompt_feature_and_learn_task_computes_on
         assert model.base_model.expert_prototype("lower").examples == 6
 
 
+def test_compute_prototype_defaults_to_the_last_position_above_block_0_and_the_mean_at_it():
+    from peft import get_peft_model
+    from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer
+
+    from peft_routing import compute_prototype
+    from peft_routing.workflow.prototypes import DEFAULT_FEATURE
+
+    model = get_peft_model(tiny_chat_llama(), expert_config("llama"), adapter_name="upper")
+    records = task_records("UP", "yes", n=16)
+    assert compute_prototype(model, "upper", records, tiny_chat_tokenizer(), layer=1).pooling == DEFAULT_FEATURE
+    assert compute_prototype(model, "upper", records, tiny_chat_tokenizer()).pooling == "causal_mean"  # block 0
+
+
 def test_compute_prototype_refuses_the_last_feature_at_block_0_and_unknown_features():
     from peft import get_peft_model
     from testing_utils import expert_config, task_records, tiny_chat_llama, tiny_chat_tokenizer

@@ -12,8 +12,9 @@ MIXINGS = ("softmax", "sigmoid")
 ROUTERS = ("token", "prototype", "token+prototype")
 FALLBACKS = ("none", "base")
 POOLINGS = ("prefix", "prompt")
-# The one-pass router benchmarks/continual.py recommends (set_phase("route", **RECOMMENDED_ROUTER)); it needs every
-# expert to carry a task prototype, so the default stays the paper's token rule, which any library can run.
+# The one-pass router benchmarks/continual.py recommends (set_phase("route", **RECOMMENDED_ROUTER)), measured over
+# prototypes of compute_prototype's default feature; it needs every expert to carry a task prototype, so the default
+# stays the paper's token rule, which any library can run.
 RECOMMENDED_ROUTER = MappingProxyType(dict(router="prototype", prototype_pooling="prompt", fallback="base"))
 
 

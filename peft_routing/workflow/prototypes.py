@@ -23,12 +23,15 @@ from .data import ChatExample, as_examples
 from .evaluation import chunks
 
 MAX_PROTOTYPE_EXAMPLES = 128  # REPRO's sample count per task
+# The prompt feature compute_prototype takes above block 0: the prompt's last position weighs the question over the
+# image tokens, which tell related image tasks apart (benchmarks/RESULTS.md, "The prompt's last position").
+DEFAULT_FEATURE = "last"
 FEW_EXAMPLES = 16  # below this the floors come from too few prompts to say where a task's new prompts fall
 
 
 @torch.no_grad()
 def compute_prototype(model, expert: str, data, processor, *, max_examples: int = MAX_PROTOTYPE_EXAMPLES,
-                      layer: int | None = None, pooling: str = "causal_mean", batch_size: int = 16) -> Prototype:
+                      layer: int | None = None, pooling: str | None = None, batch_size: int = 16) -> Prototype:
     """Compute ``expert``'s prototype from at most ``max_examples`` of its task's examples and give it to the expert.
 
     Nothing of the data is kept; ``model.save_expert`` writes the prototype into the expert folder.
@@ -40,9 +43,10 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
         processor: the model's tokenizer or multimodal processor.
         max_examples: use at most this many examples (the first ones).
         layer: the decoder block whose input is pooled (default: the lowest block any expert adapts).
-        pooling: the prompt feature, ``"causal_mean"`` (every prompt position alike, image tokens included) or
-            ``"last"`` (the prompt's last position, which has read the whole prompt; weighted towards the question).
-            Every expert of a library routed by prototypes needs the same layer and pooling.
+        pooling: the prompt feature, ``"last"`` (the prompt's last position, which has read the whole prompt;
+            weighted towards the question) or ``"causal_mean"`` (every prompt position alike, image tokens
+            included). Default: ``DEFAULT_FEATURE`` above block 0; at block 0, whose input is the token embeddings,
+            ``"causal_mean"``. Every expert of a library routed by prototypes needs the same layer and pooling.
         batch_size: examples per forward pass.
     """
     tuner = model.base_model
@@ -52,6 +56,7 @@ def compute_prototype(model, expert: str, data, processor, *, max_examples: int 
     if not examples:
         raise ValueError(f"compute_prototype needs at least one example of {expert!r}'s task.")
     layer = lowest_adapted_block(tuner) if layer is None else layer
+    pooling = pooling or (DEFAULT_FEATURE if layer > 0 else "causal_mean")
     check_pooling(pooling, layer)
     prompt_features, answer_features = prototype_features(model, processor, examples, layer, batch_size, pooling)
     vector = prototype_of(prompt_features)
