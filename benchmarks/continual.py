@@ -664,6 +664,8 @@ def main() -> None:
     parser.add_argument("--multimodal", action="store_true", help="the LLaVA-style half (image tasks)")
     parser.add_argument("--routers-only", action="store_true",
                         help="only the routing rules beside zero-shot, the oracle and REPRO (-> *_routers.json)")
+    parser.add_argument("--expert-steps", type=int, default=None,
+                        help=f"steps per expert (MTL and Seq-FT scale with it; default {Settings.expert_steps})")
     parser.add_argument("--rules", type=lambda text: text.split(","), default=None,
                         help=f"only these routing rules, comma-separated (always with routing and {RECOMMENDED})")
     args = parser.parse_args()
@@ -675,6 +677,8 @@ def main() -> None:
     settings, name = (QUICK, "continual_quick") if args.quick else (Settings(), "continual")
     if args.multimodal:
         settings, name = replace(settings, **MULTIMODAL_CHANGES), name.replace("continual", "continual_multimodal")
+    if args.expert_steps is not None:
+        settings, name = replace(settings, expert_steps=args.expert_steps), f"{name}_steps{args.expert_steps}"
     torch.manual_seed(settings.seed)
     results = run(settings, name, routers_only=args.routers_only, rules=args.rules)
     name += "_routers" if args.routers_only else ""
