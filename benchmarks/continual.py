@@ -137,9 +137,14 @@ RULES = {**TOKEN_ROUTERS, **PROTOTYPE_ROUTERS}
 RECOMMENDED = "routing_last_prompt_base"
 
 
+def without_feature(rule: dict[str, Any]) -> dict[str, Any]:
+    """A rule's set_phase("route", ...) changes alone (the prototype feature left out)."""
+    return {k: v for k, v in rule.items() if k != FEATURE_KEY}
+
+
 def phase_rule(rule: dict[str, Any]) -> dict[str, Any]:
-    """The complete set_phase("route", ...) keywords of a rule (without the prototype feature)."""
-    return {**TOKEN_RULE, **{k: v for k, v in rule.items() if k != FEATURE_KEY}}
+    """The complete set_phase("route", ...) keywords of a rule."""
+    return {**TOKEN_RULE, **without_feature(rule)}
 
 
 def feature_of(rule: dict[str, Any]) -> str:
@@ -147,7 +152,7 @@ def feature_of(rule: dict[str, Any]) -> str:
     return rule.get(FEATURE_KEY, "causal_mean")
 
 
-if {k: v for k, v in RULES[RECOMMENDED].items() if k != FEATURE_KEY} != peft_routing.RECOMMENDED_ROUTER or \
+if without_feature(RULES[RECOMMENDED]) != peft_routing.RECOMMENDED_ROUTER or \
         feature_of(RULES[RECOMMENDED]) != DEFAULT_FEATURE:
     raise RuntimeError(f"RULES[{RECOMMENDED!r}] must be peft_routing.RECOMMENDED_ROUTER over prototypes of "
                        "compute_prototype's default feature, which the README recommends.")

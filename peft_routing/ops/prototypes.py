@@ -61,6 +61,12 @@ class PrefixState:
                            self.count.index_select(0, rows.to(self.count.device)))
 
 
+def _unit_features(hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised states [B, S, d] in float32, and the real positions [B, S] (``mask``, or all when None)."""
+    real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    return torch.nn.functional.normalize(hidden.float(), dim=-1), real
+
+
 def causal_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
                 state: PrefixState | None = None) -> tuple[torch.Tensor, PrefixState]:
     """g_t for every position of a chunk [B, S, d], continuing ``state`` (the rows' earlier positions), in float32.
@@ -72,8 +78,7 @@ def causal_mean(hidden: torch.Tensor, mask: torch.Tensor | None,
         mask: [B, S], True at real positions (None: all real).
         state: the prefix sums before this chunk (None: the chunk starts the sequences).
     """
-    features = torch.nn.functional.normalize(hidden.float(), dim=-1)
-    real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    features, real = _unit_features(hidden, mask)
     features = features * real.unsqueeze(-1)
     total = features.cumsum(dim=1)
     count = real.cumsum(dim=1)
@@ -97,15 +102,16 @@ def causal_last(hidden: torch.Tensor, mask: torch.Tensor | None,
         mask: [B, S], True at real positions (None: all real).
         state: the pooling before this chunk (None: the chunk starts the sequences).
     """
-    features = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    features, real = _unit_features(hidden, mask)
     batch, width, size = features.shape
-    real = torch.ones((batch, width), dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
     positions = torch.arange(width, device=hidden.device).expand(batch, width)
     latest = torch.where(real, positions, -1).cummax(dim=1).values  # [B, S]: -1 before the chunk's first real one
     gathered = features.gather(1, latest.clamp(min=0).unsqueeze(-1).expand(-1, -1, size))
     before = features.new_zeros(batch, size) if state is None else state.total
     pooled = torch.where((latest >= 0).unsqueeze(-1), gathered, before.unsqueeze(1))
-    seen = real.any(dim=1).long() if state is None else real.any(dim=1).long() | state.count.long()
+    seen = real.any(dim=1).long()  # 1 once a row has a latest position
+    if state is not None:
+        seen = seen | state.count.long()
     if width == 0:
         return pooled, state or PrefixState(before, seen)
     return pooled, PrefixState(pooled[:, -1], seen)

@@ -19,10 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..io.hub import fetch_file
+from ..ops.prototypes import FEATURES
 
 PROTOTYPE_FILE = "prototype.safetensors"
 PROTOTYPE_KEY = "prototype"
-POOLINGS = ("causal_mean", "last")  # the keys of ops.prototypes.FEATURES
+POOLINGS = tuple(FEATURES)  # the prompt features ops.prototypes can pool
 REQUIRED_FIELDS = frozenset({"layer", "pooling", "examples", "floor"})
 
 
