@@ -160,6 +160,15 @@ POSITION_EXAMPLES = 16  # test examples per task for the routing accuracy by kin
 
 
 # --------------------------------------------------------------------------------------------------- the cache
+TRAINING_FIELDS = ("expert_steps", "expert_lr", "rank", "top_layers", "batch_size")
+
+
+def changed_training(settings: Settings) -> dict[str, Any]:
+    """The fields that shape every adapter and differ from the defaults."""
+    default = Settings()
+    return {f: getattr(settings, f) for f in TRAINING_FIELDS if getattr(settings, f) != getattr(default, f)}
+
+
 def cache_key(description: dict[str, Any]) -> str:
     text = json.dumps({"version": VERSION, **description}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -220,6 +229,10 @@ class Bench:
             self.data_id["base"] = settings.base
         # the training split is drawn before the test split, so adapters do not depend on the test size
         self.train_id = {k: v for k, v in self.data_id.items() if k != "test"}
+        # Scores of routed libraries, Seq-FT and merges are keyed by task names, not adapter folders: a run with
+        # another training budget must not read them. The default budget's keys stay as they were.
+        if budget := changed_training(settings):
+            self.data_id["training"] = budget
 
     # ------------------------------------------------------------------------------------------- training
     def config(self) -> RoutingLoraConfig:
