@@ -160,13 +160,14 @@ POSITION_EXAMPLES = 16  # test examples per task for the routing accuracy by kin
 
 
 # --------------------------------------------------------------------------------------------------- the cache
-TRAINING_FIELDS = ("expert_steps", "expert_lr", "rank", "top_layers", "batch_size")
+# The training budget of the first runs, whose score keys carry no training field (so their cache stays valid
+# whatever the defaults become); any other budget adds the fields that differ.
+KEYLESS_TRAINING = dict(expert_steps=40, expert_lr=1e-3, rank=16, top_layers=10, batch_size=8)
 
 
 def changed_training(settings: Settings) -> dict[str, Any]:
-    """The fields that shape every adapter and differ from the defaults."""
-    default = Settings()
-    return {f: getattr(settings, f) for f in TRAINING_FIELDS if getattr(settings, f) != getattr(default, f)}
+    """The fields that shape every adapter and differ from the first runs' budget."""
+    return {f: getattr(settings, f) for f, v in KEYLESS_TRAINING.items() if getattr(settings, f) != v}
 
 
 def cache_key(description: dict[str, Any]) -> str:
@@ -230,7 +231,7 @@ class Bench:
         # the training split is drawn before the test split, so adapters do not depend on the test size
         self.train_id = {k: v for k, v in self.data_id.items() if k != "test"}
         # Scores of routed libraries, Seq-FT and merges are keyed by task names, not adapter folders: a run with
-        # another training budget must not read them. The default budget's keys stay as they were.
+        # another training budget must not read them. The first runs' budget keeps its keys.
         if budget := changed_training(settings):
             self.data_id["training"] = budget
 
