@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import torch
 # silently ignore the forced choices.
 os.environ.setdefault("PEFT_ROUTING_CPU_KERNEL", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import CACHE, MULTIMODAL_CHANGES, QUICK, RESULTS, Bench, Settings, Store  # noqa: E402
+from continual import CACHE, RESULTS, Bench, Store, half_settings  # noqa: E402
 
 import peft_routing.ops.strategies as strategies  # noqa: E402
 from peft_routing import RoutingLinear  # noqa: E402
@@ -221,7 +220,7 @@ def main() -> None:
     parser.add_argument("--rules-only", action="store_true", help="skip the routing shares and forced choices")
     parser.add_argument("--tasks", nargs="+", default=["color", "count"], help="image tasks to diagnose")
     args = parser.parse_args()
-    settings = replace(QUICK if args.quick else Settings(), **MULTIMODAL_CHANGES)
+    settings = half_settings(True, args.quick)
     bench = Bench(settings, Store(CACHE))
     library_tasks = list(settings.tasks)
     library = bench.library(library_tasks)

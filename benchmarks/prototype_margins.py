@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import CACHE, MULTIMODAL_CHANGES, RESULTS, Bench, Settings, Store, image_token_id  # noqa: E402
+from continual import CACHE, RESULTS, Bench, Store, half_settings, image_token_id  # noqa: E402
 
 from peft_routing.ops.prototypes import prompt_floor, prototype_of  # noqa: E402
 from peft_routing.workflow import ChatExample  # noqa: E402
@@ -95,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--multimodal", action="store_true", help="the LLaVA half of continual.py")
     multimodal = parser.parse_args().multimodal
-    bench = Bench(replace(Settings(), **MULTIMODAL_CHANGES) if multimodal else Settings(), Store(CACHE))
+    bench = Bench(half_settings(multimodal), Store(CACHE))
     tasks = list(bench.settings.tasks)
     model = bench.library(tasks)
     tuner = model.base_model
