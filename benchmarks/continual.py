@@ -102,8 +102,9 @@ QUICK = Settings(train_examples=24, test_examples=6, probe_questions=8, expert_s
                  batch_size=4, router_lora_steps=3, replay_per_task=4, prototype_examples=8, orders=2, nll_texts=8)
 MULTIMODAL_CHANGES = dict(tasks=("color", "count", "count_text", "dates"), base="smollm2-llava",
                           probes=("general", "captions"), related=(("count", "count_text"),))
-# count's expert is far from converged at 40 steps (66.0, 85.5-90.0 at 80; RESULTS.md); every method scales with it
+# count's expert is far from converged at 40 steps (RESULTS.md, "A larger step budget"); every method scales with it
 MULTIMODAL_BUDGET = dict(expert_steps=80)
+NLL = "general_nll"
 
 
 def half_settings(multimodal: bool, quick: bool = False) -> Settings:
@@ -112,7 +113,7 @@ def half_settings(multimodal: bool, quick: bool = False) -> Settings:
     if multimodal:
         settings = replace(settings, **MULTIMODAL_CHANGES, **({} if quick else MULTIMODAL_BUDGET))
     return settings
-NLL = "general_nll"
+
 
 # Every rule of the route phase compared, as complete set_phase("route", ...) keyword sets: each rule's changes to
 # the default rule (the paper's token top-1).
