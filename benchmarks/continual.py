@@ -83,7 +83,7 @@ class Settings:
     top_layers: int = 10
     rank: int = 16
     batch_size: int = 8
-    expert_steps: int = 40  # the text half's; the multimodal half's experts need MULTIMODAL_BUDGET
+    expert_steps: int = 80  # at 40 the experts fall short of MTL on both halves (RESULTS.md, "A larger step budget")
     expert_lr: float = 1e-3
     router_steps: int = 30  # 3 in the first full run; 30 recovered dates (RESULTS.md, routing_diagnosis.py)
     router_lr: float = 1e-2
@@ -102,17 +102,13 @@ QUICK = Settings(train_examples=24, test_examples=6, probe_questions=8, expert_s
                  batch_size=4, router_lora_steps=3, replay_per_task=4, prototype_examples=8, orders=2, nll_texts=8)
 MULTIMODAL_CHANGES = dict(tasks=("color", "count", "count_text", "dates"), base="smollm2-llava",
                           probes=("general", "captions"), related=(("count", "count_text"),))
-# count's expert is far from converged at 40 steps (RESULTS.md, "A larger step budget"); every method scales with it
-MULTIMODAL_BUDGET = dict(expert_steps=80)
 NLL = "general_nll"
 
 
 def half_settings(multimodal: bool, quick: bool = False) -> Settings:
     """The settings of one half of the benchmark (the smoke run keeps its tiny budget)."""
     settings = QUICK if quick else Settings()
-    if multimodal:
-        settings = replace(settings, **MULTIMODAL_CHANGES, **({} if quick else MULTIMODAL_BUDGET))
-    return settings
+    return replace(settings, **MULTIMODAL_CHANGES) if multimodal else settings
 
 
 # Every rule of the route phase compared, as complete set_phase("route", ...) keyword sets: each rule's changes to
@@ -695,8 +691,7 @@ def main() -> None:
     parser.add_argument("--routers-only", action="store_true",
                         help="only the routing rules beside zero-shot, the oracle and REPRO (-> *_routers.json)")
     parser.add_argument("--expert-steps", type=int, default=None,
-                        help=f"steps per expert (MTL and Seq-FT scale with it; default {Settings.expert_steps}, "
-                             f"multimodal {MULTIMODAL_BUDGET['expert_steps']})")
+                        help=f"steps per expert (MTL and Seq-FT scale with it; default {Settings.expert_steps})")
     parser.add_argument("--rules", type=lambda text: text.split(","), default=None,
                         help=f"only these routing rules, comma-separated (always with routing and {RECOMMENDED})")
     args = parser.parse_args()

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--router-steps", type=int, default=30, help="total router steps of the 'longer' variant")
     args = parser.parse_args()
-    settings = QUICK if args.quick else Settings(router_steps=3)  # the experts of the first full run
+    settings = QUICK if args.quick else Settings(router_steps=3, expert_steps=40)  # the first full run's experts
     bench = Bench(settings, Store(CACHE))
     tasks = list(settings.tasks)
     library = bench.library(tasks)
