@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import CACHE, QUICK, RESULTS, Bench, Settings, Store  # noqa: E402
+from continual import CACHE, KEYLESS_TRAINING, QUICK, RESULTS, Bench, Settings, Store  # noqa: E402
 
 from peft_routing import RoutingLinear  # noqa: E402
 from peft_routing.workflow import (
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--router-steps", type=int, default=30, help="total router steps of the 'longer' variant")
     args = parser.parse_args()
-    settings = QUICK if args.quick else Settings(router_steps=3, expert_steps=40)  # the first full run's experts
+    settings = QUICK if args.quick else Settings(router_steps=3, **KEYLESS_TRAINING)  # the first full run's experts
     bench = Bench(settings, Store(CACHE))
     tasks = list(settings.tasks)
     library = bench.library(tasks)
